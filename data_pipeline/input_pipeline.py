@@ -1,0 +1,249 @@
+"""Grain input pipeline over prepared ArrayRecord shards.
+
+  ArrayRecord shards -> global shuffle (seed; reshuffled every epoch) -> repeat
+    -> this host's rows of every global batch -> decode + normalise + tokenise
+    -> batch -> prefetch (threads, optionally worker processes)
+
+Every host builds the same shuffled stream and keeps its own contiguous slice of each
+global batch, so the global batch (the concatenation of the host batches in process
+order) is the same whatever the number of hosts.  The iterator's state (Grain's
+`get_state()`, a small JSON-able dict) is saved with every checkpoint, so a resumed
+run sees exactly the batches an uninterrupted run would have seen.
+
+Batches are dicts of numpy arrays:
+  volume          float32[B, D, H, W]  HU mapped to [-1, 1] (`normalise_hu`)
+  input_ids       int32[B, S]
+  attention_mask  int32[B, S]
+  labels          float32[B, 18]       (-1 where unknown)
+  volume_name     str[B]               (host-side only, for logs and evaluation)
+  valid           bool[B]              False for padding rows of a final eval batch
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import sys
+from typing import Any, Iterator, Sequence
+
+import grain
+import numpy as np
+
+from data_pipeline import schema
+from data_pipeline.tokenizer import TextEncoder
+
+TEXT_SECTIONS = ("findings", "impressions")
+
+
+def normalise_hu(volume_hu: np.ndarray, hu_window: tuple[float, float] = (-1000.0, 1000.0)
+                 ) -> np.ndarray:
+    """int16 HU -> float32 in [-1, 1]: clip to the window, centre, divide by half its width.
+
+    With the default window this is the official CT-CLIP normalisation, HU / 1000
+    after clipping to [-1000, 1000].  Training, evaluation and inference all use it.
+    """
+    low, high = hu_window
+    centre, half_width = (high + low) / 2.0, (high - low) / 2.0
+    clipped = np.clip(volume_hu.astype(np.float32), low, high)
+    return (clipped - np.float32(centre)) / np.float32(half_width)
+
+
+def report_text(record: schema.CTRecord, sections: Sequence[str] = ("findings",)) -> str:
+    """The text a volume is paired with.
+
+    The official trainer uses the Findings section only and strips quotes and
+    parentheses; `sections` can add the Impressions.
+    """
+    unknown = set(sections) - set(TEXT_SECTIONS)
+    if unknown:
+        raise ValueError(f"unknown report sections {sorted(unknown)}; use {TEXT_SECTIONS}")
+    parts = [getattr(record, section) for section in sections]
+    text = " ".join(p for p in parts if p and p != "Not given.")
+    for char in "\"'()":
+        text = text.replace(char, "")
+    return text
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+
+
+def sample_sentences(text: str, rng: np.random.Generator) -> str:
+    """A random non-empty subset of the text's sentences, in their original order.
+
+    Text augmentation in the spirit of ConVIRT's sentence sampling: the model also sees
+    short statements like the zero-shot prompts ("Lung nodule is present.").
+    """
+    sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
+    if len(sentences) <= 1:
+        return text
+    count = int(rng.integers(1, len(sentences) + 1))
+    keep = np.sort(rng.choice(len(sentences), size=count, replace=False))
+    return " ".join(sentences[i] for i in keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What a pipeline reads and how it batches.
+
+    Attributes:
+      shard_dir: folder with the shards and manifest.json written by data_pipeline.prepare.
+      global_batch_size: rows per step over all hosts; each host yields its share.
+      max_text_length: tokens per report, incl. [CLS] and [SEP].
+      text_sections: report sections joined into the training text.
+      sentence_sampling_prob: training only; the probability of replacing a report by a
+        random subset of its sentences (`sample_sentences`); 0 (default) keeps reports
+        whole, as the official trainer does.
+      num_workers: Grain worker processes (0: decode in threads of this process).
+    """
+
+    shard_dir: str
+    tokenizer_path: str
+    global_batch_size: int
+    max_text_length: int = 128
+    text_sections: tuple[str, ...] = ("findings",)
+    hu_window: tuple[float, float] = (-1000.0, 1000.0)
+    sentence_sampling_prob: float = 0.0
+    seed: int = 0
+    num_workers: int = 0
+    read_threads: int = 2
+    prefetch_buffer_size: int = 4
+
+
+def shard_paths(shard_dir: str) -> list[str]:
+    """Shard files listed by the manifest (so a half-written shard is never read)."""
+    from data_pipeline.prepare import Manifest  # the manifest format lives with its writer
+
+    manifest_path = os.path.join(shard_dir, "manifest.json")
+    if not os.path.exists(manifest_path):
+        raise FileNotFoundError(
+            f"no manifest.json in {shard_dir!r}: prepare shards with "
+            "`python -m data_pipeline.prepare --ctrate-root DIR --split train --out SHARD_DIR`")
+    paths = Manifest.load(manifest_path).shard_paths()
+    if not paths:
+        raise ValueError(f"the manifest in {shard_dir!r} lists no shards")
+    return paths
+
+
+def peek_record(shard_dir: str) -> schema.CTRecord:
+    """The first record of a shard folder (to check shapes before training starts)."""
+    source = grain.sources.ArrayRecordDataSource(shard_paths(shard_dir))
+    return schema.decode_record(source[0])
+
+
+class _HostRowsOfGlobalBatches(grain.MapDataset):
+    """Element j of this host = element (j // b) * B + offset + j % b of the parent.
+
+    B is the global batch size, b this host's share and offset = process_index * b:
+    each host keeps a contiguous block of rows of every global batch.
+    """
+
+    def __init__(self, parent: grain.MapDataset, global_batch: int, process_index: int,
+                 process_count: int):
+        super().__init__(parent)
+        if global_batch % process_count:
+            raise ValueError(f"global batch {global_batch} is not divisible by the "
+                             f"{process_count} processes")
+        self._global = global_batch
+        self._local = global_batch // process_count
+        self._offset = process_index * self._local
+        self._length = (len(parent) // global_batch) * self._local \
+            if len(parent) < sys.maxsize else sys.maxsize
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        step, row = divmod(index, self._local)
+        return self._parent[step * self._global + self._offset + row]
+
+    def __str__(self) -> str:
+        return f"HostRowsOfGlobalBatches(global={self._global}, offset={self._offset})"
+
+
+class RecordToExample:
+    """Decodes a record into model inputs (picklable, for Grain worker processes).
+
+    Called with an rng (Grain's `random_map`, training) it applies the configured
+    text augmentation; without one (evaluation) it is deterministic.
+    """
+
+    def __init__(self, text_encoder: TextEncoder, text_sections, hu_window,
+                 sentence_sampling_prob: float = 0.0):
+        self.text_encoder = text_encoder
+        self.text_sections = tuple(text_sections)
+        self.hu_window = tuple(hu_window)
+        self.sentence_sampling_prob = sentence_sampling_prob
+
+    def __call__(self, data: bytes, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        record = schema.decode_record(data)
+        text = report_text(record, self.text_sections)
+        if rng is not None and rng.random() < self.sentence_sampling_prob:
+            text = sample_sentences(text, rng)
+        input_ids, attention_mask = self.text_encoder.encode(text)
+        return {
+            "volume": normalise_hu(record.volume_hu, self.hu_window),
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "labels": record.labels.astype(np.float32),
+            "volume_name": np.asarray(record.volume_name),
+            "valid": np.asarray(True),
+        }
+
+
+def _text_encoder(config: PipelineConfig) -> TextEncoder:
+    return TextEncoder.from_path(config.tokenizer_path, config.max_text_length)
+
+
+def make_train_dataset(config: PipelineConfig, *, process_index: int = 0,
+                       process_count: int = 1, num_epochs: int | None = None
+                       ) -> grain.IterDataset:
+    """An endless (or `num_epochs`-long) stream of this host's training batches."""
+    source = grain.sources.ArrayRecordDataSource(shard_paths(config.shard_dir))
+    if len(source) < config.global_batch_size:
+        raise ValueError(f"{config.shard_dir!r} holds {len(source)} records, fewer than one "
+                         f"global batch of {config.global_batch_size}")
+    dataset = (grain.MapDataset.source(source)
+               .shuffle(seed=config.seed)
+               .repeat(num_epochs))
+    dataset = _HostRowsOfGlobalBatches(dataset, config.global_batch_size, process_index,
+                                       process_count)
+    dataset = dataset.random_map(
+        RecordToExample(_text_encoder(config), config.text_sections, config.hu_window,
+                        config.sentence_sampling_prob), seed=config.seed)
+    dataset = dataset.batch(config.global_batch_size // process_count, drop_remainder=True)
+    return _prefetch(dataset, config)
+
+
+def _prefetch(dataset: grain.MapDataset, config: PipelineConfig) -> grain.IterDataset:
+    iter_dataset = dataset.to_iter_dataset(grain.ReadOptions(
+        num_threads=config.read_threads, prefetch_buffer_size=config.prefetch_buffer_size))
+    if config.num_workers > 0:
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.num_workers))
+    return iter_dataset
+
+
+def iterate_eval_batches(config: PipelineConfig, *, process_index: int = 0,
+                         process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """Every record once, in shard order, in batches padded to a fixed size.
+
+    The final batch is padded with copies of its first row marked `valid=False`, so
+    that a jitted model sees one batch shape only.
+    """
+    source = grain.sources.ArrayRecordDataSource(shard_paths(config.shard_dir))
+    host_batch = config.global_batch_size // process_count
+    dataset = grain.MapDataset.source(source)
+    num_batches = -(-len(dataset) // config.global_batch_size)
+    to_example = RecordToExample(_text_encoder(config), config.text_sections, config.hu_window)
+    for step in range(num_batches):
+        start = step * config.global_batch_size + process_index * host_batch
+        indices = [i for i in range(start, start + host_batch) if i < len(dataset)]
+        examples = [to_example(dataset[i]) for i in indices] if indices else []
+        if not examples:  # this host has no rows left but must still join the step
+            examples = [dict(to_example(dataset[0]), valid=np.asarray(False))]
+        while len(examples) < host_batch:
+            examples.append(dict(examples[0], valid=np.asarray(False)))
+        yield {key: np.stack([e[key] for e in examples]) for key in examples[0]}

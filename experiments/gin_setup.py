@@ -1,0 +1,52 @@
+"""Registers the top-level configurables with gin and parses config files and bindings.
+
+Gin binds only top-level things (T5X style): the model config dataclasses, the
+optimizer factory, the trainer function and the demo data.  Layers take plain
+constructor arguments.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import gin
+from absl import logging
+
+from ct_rate_jax.models.bert import BertConfig
+from ct_rate_jax.models.ct_clip import CTCLIPConfig
+from ct_rate_jax.models.ctvit import CTViTConfig
+from ct_rate_jax.training.optimizer import adamw_warmup_cosine
+from experiments.synthetic_setup import SyntheticData
+
+gin.external_configurable(CTCLIPConfig)
+gin.external_configurable(CTViTConfig)
+gin.external_configurable(BertConfig)
+gin.external_configurable(SyntheticData)
+gin.external_configurable(adamw_warmup_cosine)
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "configs")
+
+
+class ConfigError(ValueError):
+    """A gin file or binding that cannot be used."""
+
+
+def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
+    """Parses gin files (then bindings) with errors that name the file or binding."""
+    gin.clear_config()
+    for path in files:
+        if not os.path.exists(path):
+            raise ConfigError(f"gin file {path!r} does not exist")
+    gin.add_config_file_search_path(CONFIG_DIR)
+    # Gin first looks for an `include`d file relative to the working directory and logs
+    # an error before finding it on the search path; keep the console clean.
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.FATAL)
+    try:
+        gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=True)
+    except (ValueError, KeyError, SyntaxError, IOError) as error:
+        where = ", ".join(list(files) + [f"--gin_param {b}" for b in bindings])
+        raise ConfigError(f"invalid gin configuration ({where}): {error}") from error
+    finally:
+        logging.set_verbosity(verbosity)

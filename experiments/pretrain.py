@@ -1,0 +1,316 @@
+r"""Contrastive pretraining of CT-CLIP on prepared CT-RATE shards.
+
+  python -m experiments.pretrain --gin experiments/configs/demo.gin [--gin_param K=V ...]
+         [--workdir DIR] [--steps N]
+
+Rerunning the same command in the same workdir resumes from the newest checkpoint
+(model, optimizer and data iterator together).  Metrics go to <workdir>/metrics.jsonl
+and TensorBoard files in <workdir>/tensorboard; with `train.zero_shot_at_end` the run
+ends with the zero-shot abnormality table on the evaluation shards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable
+
+import gin
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags, logging
+
+from ct_rate_jax import sharding
+from ct_rate_jax.evaluation import zero_shot
+from ct_rate_jax.models.ct_clip import CTCLIP, CTCLIPConfig
+from ct_rate_jax.training import checkpoints, train_state
+from ct_rate_jax.training.metrics_writer import MetricsWriter
+from data_pipeline import input_pipeline, schema
+from data_pipeline.tokenizer import TextEncoder
+from experiments import gin_setup
+from experiments.synthetic_setup import SyntheticData, ensure_synthetic_data
+
+FLAGS = flags.FLAGS
+flags.DEFINE_multi_string("gin", [], "gin config file(s), applied in order")
+flags.DEFINE_multi_string("gin_param", [], "gin bindings, e.g. train.num_steps=100")
+flags.DEFINE_string("workdir", None, "run directory (overrides train.workdir)")
+flags.DEFINE_integer("steps", None, "number of training steps (overrides train.num_steps)")
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ----------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DataPaths:
+    train: str
+    eval: str | None
+    tokenizer: str
+
+
+def resolve_data(train_data, eval_data, tokenizer, synthetic_data: SyntheticData | None,
+                 log) -> DataPaths:
+    """Paths of shards and tokenizer; builds the synthetic demo data when configured."""
+    if synthetic_data is not None:
+        if jax.process_index() == 0:
+            ensure_synthetic_data(synthetic_data, log=log)
+        train_data = train_data or synthetic_data.shard_dir("train")
+        eval_data = eval_data or synthetic_data.shard_dir("valid")
+        tokenizer = tokenizer or synthetic_data.tokenizer_path
+    for name, path in (("train.train_data", train_data), ("train.tokenizer", tokenizer)):
+        if not path:
+            raise ValueError(f"{name} is not set: bind it in the gin config or with --gin_param")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{name} = {path!r} does not exist")
+    if eval_data and not os.path.exists(eval_data):
+        raise FileNotFoundError(f"train.eval_data = {eval_data!r} does not exist")
+    return DataPaths(train_data, eval_data, tokenizer)
+
+
+def check_data_fits_model(paths: DataPaths, model: CTCLIPConfig, max_text_length: int) -> None:
+    """Fails before any compilation if volumes or vocabulary do not fit the model."""
+    shape = input_pipeline.peek_record(paths.train).volume_hu.shape
+    cfg = model.ctvit
+    if shape[1] != cfg.image_size or shape[2] != cfg.image_size or not cfg.num_frames_ok(shape[0]):
+        raise ValueError(
+            f"volumes in {paths.train} have shape (D, H, W) = {tuple(shape)}, but the model "
+            f"expects H = W = CTViTConfig.image_size = {cfg.image_size} and D divisible by "
+            f"CTViTConfig.temporal_patch_size = {cfg.temporal_patch_size}")
+    vocab = TextEncoder.from_path(paths.tokenizer, max_text_length).vocab_size
+    if vocab > model.text.vocab_size:
+        raise ValueError(f"the tokenizer {paths.tokenizer} has {vocab} tokens but "
+                         f"BertConfig.vocab_size is {model.text.vocab_size}")
+    if max_text_length > model.text.max_position_embeddings:
+        raise ValueError(f"train.max_text_length = {max_text_length} exceeds "
+                         f"BertConfig.max_position_embeddings = "
+                         f"{model.text.max_position_embeddings}")
+
+
+# ----------------------------------------------------------------------------------
+# Evaluation
+# ----------------------------------------------------------------------------------
+
+def _pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
+    extra = (-len(array)) % multiple
+    return np.concatenate([array, np.repeat(array[:1], extra, axis=0)]) if extra else array
+
+
+def run_zero_shot(state: train_state.TrainState, pipeline: input_pipeline.PipelineConfig,
+                  names=schema.ABNORMALITIES) -> zero_shot.ZeroShotResult:
+    """Zero-shot AUROC over the evaluation shards with the official prompt pair."""
+    embed_images, embed_texts = train_state.make_embed_fns(state)
+    mesh = state.mesh
+    encoder = TextEncoder.from_path(pipeline.tokenizer_path, pipeline.max_text_length)
+    rows = sharding.data_parallel_size(mesh)
+
+    def images(volume):
+        batch = sharding.host_batch_to_global({"volume": volume}, mesh)
+        return np.asarray(jax.device_get(embed_images(state.state, batch["volume"])))
+
+    def prompts(texts):
+        ids, mask = encoder.encode_batch(texts)
+        ids, mask = _pad_rows(ids, rows), _pad_rows(mask, rows)
+        batch = sharding.host_batch_to_global({"ids": ids, "mask": mask}, mesh)
+        latents = embed_texts(state.state, batch["ids"], batch["mask"])
+        return np.asarray(jax.device_get(latents))[:len(texts)]
+
+    batches = input_pipeline.iterate_eval_batches(
+        pipeline, process_index=jax.process_index(), process_count=jax.process_count())
+    return zero_shot.evaluate_zero_shot(batches, images, prompts,
+                                        train_state.logit_scale(state), names)
+
+
+# ----------------------------------------------------------------------------------
+# Training
+# ----------------------------------------------------------------------------------
+
+@gin.configurable(denylist=["workdir_override", "steps_override"])
+def train(workdir: str = gin.REQUIRED,
+          model: CTCLIPConfig = gin.REQUIRED,
+          optimizer: Callable = gin.REQUIRED,
+          global_batch_size: int = 8,
+          num_steps: int = 1000,
+          train_data: str | None = None,
+          eval_data: str | None = None,
+          tokenizer: str | None = None,
+          text_tower_init: str | None = None,
+          synthetic_data: SyntheticData | None = None,
+          max_text_length: int = 512,
+          text_sections: tuple[str, ...] = ("findings",),
+          sentence_sampling_prob: float = 0.0,
+          mesh_shape: tuple[int, int, int] = (-1, 1, 1),
+          compute_dtype: str = "float32",
+          seed: int = 0,
+          num_data_workers: int = 0,
+          log_every: int = 10,
+          checkpoint_every: int = 500,
+          keep_checkpoints: int = 3,
+          zero_shot_at_end: bool = True,
+          eval_batch_size: int | None = None,
+          workdir_override: str | None = None,
+          steps_override: int | None = None) -> dict[str, Any]:
+    """Trains CT-CLIP; returns the final metrics (and zero-shot results when run).
+
+    Args (the gin bindings):
+      workdir: run directory (checkpoints, metrics, config).
+      model: the CTCLIPConfig to train.
+      optimizer: `f(total_steps) -> (optax transformation, schedule)`, e.g.
+        @adamw_warmup_cosine.
+      global_batch_size: volume-report pairs per step over all devices and hosts.
+      mesh_shape: (data, fsdp, tensor) sizes; one may be -1 (all remaining devices).
+      tokenizer: tokenizer.json, or a Hugging Face model directory with vocab.txt.
+      text_tower_init: a local Hugging Face BERT directory (e.g. CXR-BERT) whose
+        weights initialise the text tower of a fresh run.
+      synthetic_data: build and use the synthetic demo data (demo.gin).
+      text_sections: report sections used as text ("findings", "impressions").
+      sentence_sampling_prob: probability of training on a random subset of a report's
+        sentences instead of the whole report (text augmentation; 0 = off).
+    """
+    workdir = workdir_override or workdir
+    num_steps = steps_override if steps_override is not None else num_steps
+    is_main = jax.process_index() == 0
+    log = print if is_main else (lambda *a, **k: None)
+    if num_steps < 0 or global_batch_size <= 0 or log_every <= 0 or checkpoint_every <= 0:
+        raise ValueError("train.num_steps must be >= 0 and global_batch_size, log_every, "
+                         "checkpoint_every > 0")
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
+
+    # --- Data and model checks, before anything is compiled or written. ---
+    paths = resolve_data(train_data, eval_data, tokenizer, synthetic_data, log)
+    check_data_fits_model(paths, model, max_text_length)
+    mesh = sharding.make_mesh(*mesh_shape)
+    if global_batch_size % sharding.data_parallel_size(mesh):
+        raise ValueError(f"train.global_batch_size = {global_batch_size} is not divisible by "
+                         f"the data-parallel size {sharding.data_parallel_size(mesh)}")
+    pipeline = input_pipeline.PipelineConfig(
+        shard_dir=paths.train, tokenizer_path=paths.tokenizer,
+        global_batch_size=global_batch_size, max_text_length=max_text_length,
+        text_sections=tuple(text_sections), sentence_sampling_prob=sentence_sampling_prob,
+        seed=seed, num_workers=num_data_workers)
+
+    # --- Train state, fresh or restored. ---
+    dtype = COMPUTE_DTYPES[compute_dtype]
+    model_factory = lambda rngs: CTCLIP(model, rngs=rngs, dtype=dtype)  # noqa: E731
+    tx, schedule = optimizer(total_steps=max(num_steps, 1))
+    checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                            max_to_keep=keep_checkpoints)
+    state = train_state.TrainState.create(model_factory, tx, mesh, seed)
+    dataset = input_pipeline.make_train_dataset(
+        pipeline, process_index=jax.process_index(), process_count=jax.process_count())
+    data_iter = iter(dataset)
+    start_step = checkpointer.latest_step()
+    if start_step is not None:
+        _, abstract_state = train_state.TrainState.abstract(model_factory, tx)
+        state.state, data_state, _ = checkpointer.restore(start_step, abstract_state,
+                                                          state.shardings)
+        data_iter.set_state(data_state)
+        log(f"resumed from {checkpointer.directory}/{start_step}")
+    elif text_tower_init:
+        train_state.init_text_tower_from_hf(state, text_tower_init)
+        log(f"text tower initialised from {text_tower_init}")
+    start_step = start_step or 0
+    if is_main:
+        os.makedirs(workdir, exist_ok=True)
+        with open(os.path.join(workdir, "config.gin"), "w", encoding="utf-8") as f:
+            f.write(gin.config_str())
+    log(f"devices: {jax.device_count()} x {jax.devices()[0].platform} "
+        f"({jax.process_count()} process(es)), mesh {dict(mesh.shape)}, "
+        f"{train_state.parameter_count(state):,} parameters, steps {start_step} -> {num_steps}")
+
+    # --- The loop: log step N-1's metrics while step N runs (no host sync per step). ---
+    step_fn = train_state.make_train_step(state, schedule)
+    writer = MetricsWriter(workdir, total_steps=num_steps, start_step=start_step,
+                           enabled=is_main)
+    meta = {"model": repr(model), "global_batch_size": global_batch_size}
+    last_metrics: dict[str, Any] = {}
+    pending = None
+    throughput = _Throughput(start_step, global_batch_size)
+    try:
+        for step in range(start_step, num_steps):
+            t0 = time.perf_counter()
+            host_batch = next(data_iter)
+            throughput.data_wait += time.perf_counter() - t0
+            device_batch = sharding.host_batch_to_global(
+                {k: host_batch[k] for k in ("volume", "input_ids", "attention_mask")}, mesh)
+            state.state, metrics = step_fn(state.state, device_batch)
+            if pending is not None:
+                last_metrics = _log(writer, pending, throughput)
+                pending = None
+            writer.advance()
+            done = step + 1
+            if done % log_every == 0 or done == num_steps:
+                pending = (done, metrics)
+            if done % checkpoint_every == 0 or done == num_steps:
+                checkpointer.save(done, state.state, data_iter.get_state(), meta)
+        if pending is not None:
+            last_metrics = _log(writer, pending, throughput)
+        checkpointer.wait_until_finished()
+    finally:
+        writer.close()
+        checkpointer.close()
+
+    result: dict[str, Any] = {"final_step": num_steps, **last_metrics}
+    if zero_shot_at_end and paths.eval:
+        eval_config = dataclasses.replace(
+            pipeline, shard_dir=paths.eval,
+            global_batch_size=eval_batch_size or global_batch_size)
+        zs = run_zero_shot(state, eval_config)
+        log(f"\nZero-shot abnormality detection on {paths.eval} "
+            f"({len(zs.volume_names)} held-out volumes):\n{zs.table()}")
+        result["zero_shot"] = zs.to_json()
+        if is_main:
+            with open(os.path.join(workdir, "zero_shot.json"), "w", encoding="utf-8") as f:
+                json.dump(result["zero_shot"], f, indent=2)
+    return result
+
+
+class _Throughput:
+    """Volumes/s and the share of time spent waiting for data, between two logged steps."""
+
+    def __init__(self, step: int, global_batch_size: int):
+        self.step, self.time = step, time.perf_counter()
+        self.global_batch_size = global_batch_size
+        self.data_wait = 0.0
+
+    def measure(self, step: int) -> dict[str, float]:
+        now = time.perf_counter()
+        elapsed = max(now - self.time, 1e-9)
+        values = {"volumes_per_s": (step - self.step) * self.global_batch_size / elapsed,
+                  "data_wait_fraction": min(self.data_wait / elapsed, 1.0)}
+        self.step, self.time, self.data_wait = step, now, 0.0
+        return values
+
+
+def _log(writer, pending, throughput: _Throughput):
+    """Fetches a finished step's metrics (the step after it is already queued)."""
+    step, metrics = pending
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    values.update(throughput.measure(step))
+    writer.write(step, values)
+    return values
+
+
+# ----------------------------------------------------------------------------------
+# Entry point
+# ----------------------------------------------------------------------------------
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)
+    try:
+        gin_setup.parse_gin(FLAGS.gin, FLAGS.gin_param)
+        train(workdir_override=FLAGS.workdir, steps_override=FLAGS.steps)
+    except (gin_setup.ConfigError, ValueError, FileNotFoundError) as error:
+        # Configuration and input mistakes: one clear line, no traceback.
+        sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,105 @@
+"""The Grain input pipeline: normalisation, batches, resumable state, host sharding."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from data_pipeline import input_pipeline, schema
+from data_pipeline.prepare import Manifest
+
+
+@pytest.fixture(scope="module")
+def config(tiny_synthetic_data):
+    return input_pipeline.PipelineConfig(
+        shard_dir=tiny_synthetic_data.shard_dir("train"),
+        tokenizer_path=tiny_synthetic_data.tokenizer_path, global_batch_size=4,
+        max_text_length=32, seed=3)
+
+
+def test_normalise_hu_is_the_official_clip_and_divide():
+    hu = np.array([-3000, -1000, -500, 0, 40, 1000, 2500], np.int16)
+    np.testing.assert_allclose(input_pipeline.normalise_hu(hu),
+                               np.clip(hu, -1000, 1000) / 1000.0, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(input_pipeline.normalise_hu(hu, (-160, 240))[[3, 4]],
+                               [-0.2, 0.0], atol=1e-7)
+
+
+def test_batches_have_the_documented_shapes(config, tiny_synthetic_data):
+    batch = next(iter(input_pipeline.make_train_dataset(config)))
+    assert batch["volume"].shape == (4, 8, 16, 16) and batch["volume"].dtype == np.float32
+    assert batch["input_ids"].shape == batch["attention_mask"].shape == (4, 32)
+    assert batch["labels"].shape == (4, schema.NUM_ABNORMALITIES)
+    assert set(batch["volume_name"]) <= set(
+        name for shard in Manifest.load(tiny_synthetic_data.shard_dir("train")).shards
+        for name in shard.volume_names)
+    assert batch["input_ids"][:, 0].tolist() == [batch["input_ids"][0, 0]] * 4  # [CLS]
+
+
+def test_every_record_once_per_epoch_and_reshuffled_between_epochs(config):
+    count = sum(s.num_records for s in Manifest.load(config.shard_dir).shards)
+    single = dataclasses.replace(config, global_batch_size=1)
+    names = [str(b["volume_name"][0]) for b, _ in zip(
+        input_pipeline.make_train_dataset(single), range(2 * count))]
+    first, second = names[:count], names[count:]
+    assert len(set(first)) == count and sorted(first) == sorted(second)
+    assert first != second
+
+
+def test_iterator_state_round_trip_resumes_exactly(config):
+    iterator = iter(input_pipeline.make_train_dataset(config))
+    for _ in range(3):
+        next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(4)]
+    resumed = iter(input_pipeline.make_train_dataset(config))
+    resumed.set_state(state)
+    for want, got in zip(expected, (next(resumed) for _ in range(4))):
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_two_hosts_get_disjoint_halves_of_the_same_global_batches(config):
+    single = iter(input_pipeline.make_train_dataset(config))
+    hosts = [iter(input_pipeline.make_train_dataset(config, process_index=i, process_count=2))
+             for i in range(2)]
+    for _ in range(5):
+        whole = next(single)
+        halves = [next(h) for h in hosts]
+        assert all(len(h["volume_name"]) == 2 for h in halves)
+        np.testing.assert_array_equal(
+            np.concatenate([h["volume_name"] for h in halves]), whole["volume_name"])
+        np.testing.assert_array_equal(
+            np.concatenate([h["volume"] for h in halves]), whole["volume"])
+
+
+def test_eval_batches_cover_each_record_once_with_padding_marked(config):
+    count = sum(s.num_records for s in Manifest.load(config.shard_dir).shards)
+    batches = list(input_pipeline.iterate_eval_batches(
+        dataclasses.replace(config, global_batch_size=5)))
+    valid = np.concatenate([b["valid"] for b in batches])
+    names = np.concatenate([b["volume_name"] for b in batches])[valid]
+    assert len(names) == len(set(names)) == count
+    assert all(len(b["valid"]) == 5 for b in batches) and (~valid).sum() == (-count) % 5
+
+
+def test_sentence_sampling_keeps_a_non_empty_ordered_subset():
+    text = "Cardiomegaly is present. No pleural effusion. Lung nodule is present."
+    rng = np.random.default_rng(0)
+    sentences = text.split(". ")
+    for _ in range(20):
+        sample = input_pipeline.sample_sentences(text, rng)
+        kept = [s.rstrip(".") for s in sample.split(". ")]
+        assert kept and all(k.rstrip(".") in [s.rstrip(".") for s in sentences] for k in kept)
+        positions = [[s.rstrip(".") for s in sentences].index(k) for k in kept]
+        assert positions == sorted(positions)
+
+
+def test_report_text_uses_the_configured_sections_and_strips_like_the_official_code():
+    record = schema.CTRecord(np.zeros((1, 1, 1), np.int16), "train_1_a_1.nii.gz",
+                             findings='A "small" (5 mm) nodule.', impressions="Nodule.")
+    assert input_pipeline.report_text(record) == "A small 5 mm nodule."
+    assert input_pipeline.report_text(record, ("findings", "impressions")) == \
+        "A small 5 mm nodule. Nodule."
+    with pytest.raises(ValueError, match="unknown report sections"):
+        input_pipeline.report_text(record, ("history",))

@@ -1,0 +1,95 @@
+"""`python -m experiments.pretrain` end to end, as a user runs it (subprocesses)."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parents[2]
+TINY_MODEL = [
+    "CTViTConfig.dim=32", "CTViTConfig.image_size=16", "CTViTConfig.patch_size=8",
+    "CTViTConfig.temporal_patch_size=4", "CTViTConfig.heads=2", "CTViTConfig.dim_head=8",
+    "BertConfig.vocab_size=320", "BertConfig.hidden_size=32", "BertConfig.num_hidden_layers=1",
+    "BertConfig.num_attention_heads=2", "BertConfig.intermediate_size=64",
+    "BertConfig.max_position_embeddings=32", "CTCLIPConfig.dim_latent=16",
+    "train.max_text_length=32", "train.global_batch_size=8", "train.log_every=2",
+    "train.checkpoint_every=3", "adamw_warmup_cosine.warmup_steps=2",
+]
+
+
+def data_bindings(data):
+    return [f"train.train_data='{data.shard_dir('train')}'",
+            f"train.eval_data='{data.shard_dir('valid')}'",
+            f"train.tokenizer='{data.tokenizer_path}'", "train.synthetic_data=None"]
+
+
+def run_pretrain(workdir, bindings, steps, gin_file="experiments/configs/demo.gin", devices=1):
+    args = [sys.executable, "-m", "experiments.pretrain", "--gin", gin_file,
+            "--workdir", str(workdir), "--steps", str(steps)]
+    for binding in bindings:
+        args += ["--gin_param", binding]
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_train_resume_and_zero_shot(tiny_synthetic_data, tmp_path):
+    bindings = TINY_MODEL + data_bindings(tiny_synthetic_data)
+    first = run_pretrain(tmp_path / "resumed", bindings, steps=3)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "Zero-shot abnormality detection" in first.stdout and "mean" in first.stdout
+    second = run_pretrain(tmp_path / "resumed", bindings, steps=6)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout
+
+    logged = metrics(tmp_path / "resumed")
+    assert [m["step"] for m in logged] == [2, 3, 4, 6]
+    for record in logged:
+        for key in ("loss", "learning_rate", "volumes_per_s", "grad_norm"):
+            assert key in record
+    assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3", "6"]
+    assert os.listdir(tmp_path / "resumed" / "tensorboard")
+    zero_shot = json.loads((tmp_path / "resumed" / "zero_shot.json").read_text())
+    assert len(zero_shot["auroc"]) == 18 and zero_shot["num_volumes"] > 0
+
+    # The same 6 steps without interruption, on 8 devices: same losses, same data order.
+    straight = run_pretrain(tmp_path / "straight", bindings + ["train.mesh_shape=(2, 4, 1)"],
+                            steps=6, devices=8)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert "'data': 2, 'fsdp': 4" in straight.stdout
+    by_step = {m["step"]: m["loss"] for m in metrics(tmp_path / "straight")}
+    assert sorted(by_step) == [2, 4, 6]
+    for record in logged:
+        if record["step"] in by_step:
+            assert record["loss"] == pytest.approx(by_step[record["step"]], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_checkpoint_of_another_model_is_refused(tiny_synthetic_data, tmp_path):
+    bindings = TINY_MODEL + data_bindings(tiny_synthetic_data) + ["train.zero_shot_at_end=False"]
+    assert run_pretrain(tmp_path, bindings, steps=1).returncode == 0
+    other = run_pretrain(tmp_path, bindings + ["CTCLIPConfig.dim_latent=24"], steps=2)
+    assert other.returncode != 0
+    assert "does not match the model" in other.stderr and "to_text_latent" in other.stderr
+
+
+def test_clear_errors_for_bad_configuration(tiny_synthetic_data, tmp_path):
+    missing_file = run_pretrain(tmp_path, [], 1, gin_file="no/such.gin")
+    assert missing_file.returncode != 0 and "no/such.gin" in missing_file.stderr
+    unknown = run_pretrain(tmp_path, ["train.not_a_setting=3"], 1)
+    assert unknown.returncode != 0 and "not_a_setting" in unknown.stderr
+    missing_data = run_pretrain(tmp_path, TINY_MODEL + [
+        "train.synthetic_data=None", "train.train_data='/no/such/shards'",
+        f"train.tokenizer='{tiny_synthetic_data.tokenizer_path}'"], 1)
+    assert missing_data.returncode != 0 and "/no/such/shards" in missing_data.stderr
+    wrong_shape = run_pretrain(tmp_path, TINY_MODEL + data_bindings(tiny_synthetic_data)
+                               + ["CTViTConfig.image_size=32"], 1)
+    assert wrong_shape.returncode != 0 and "image_size" in wrong_shape.stderr
+    assert not (tmp_path / "checkpoints").exists()
