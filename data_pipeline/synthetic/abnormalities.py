@@ -11,6 +11,10 @@ Everything is large and contrasty enough to survive resampling to the demo grid
 (about 5.6 x 5.6 x 11.25 mm voxels).  `draw_findings` draws the parameters of all 18
 whatever the labels, so that labels never shift the random stream: the same rng
 renders the same patient with and without a finding.
+
+`conspicuity` (1.0 = realistic, the descriptions below) exaggerates every finding so
+that a small model can learn it on the coarse demo grid; each `draw_*` function says
+how, and docs/synthetic_data.md summarises it.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from data_pipeline.synthetic import lung_findings as lung
 from data_pipeline.synthetic import mediastinal_findings as mediastinal
 from data_pipeline.synthetic.anatomy import Anatomy
 from data_pipeline.synthetic.canvas import Canvas
+from data_pipeline.synthetic.conspicuity import REALISTIC, check_conspicuity
 
 Params = dict[str, Any]
 
@@ -33,9 +38,9 @@ Params = dict[str, Any]
 class Rendering:
     description: str
     region: str  # canvas mask that holds every voxel the finding changes
-    draw: Callable[[np.random.Generator, Anatomy], Params]
+    draw: Callable[[np.random.Generator, Anatomy, float], Params]  # (rng, anatomy, conspicuity)
     paint: Callable[[Canvas, Anatomy, Params], None] | None = None
-    modify: Callable[[Anatomy, Params], Anatomy] | None = None
+    modify: Callable[[Anatomy, Params], Anatomy] | None = None  # may come with a paint
 
 
 RENDERERS: dict[str, Rendering] = {
@@ -71,7 +76,7 @@ RENDERERS: dict[str, Rendering] = {
     "Emphysema": Rendering(
         "upper lungs 40-60 HU darker plus 18-30 bullae (6-16 mm radius, -990 HU) in the upper "
         "halves of both lungs", "lungs",
-        lung.draw_emphysema, lung.paint_emphysema),
+        lung.draw_emphysema, lung.paint_emphysema, lung.modify_emphysema),
     "Atelectasis": Rendering(
         "a 12-18 mm thick plate of collapsed lung (~0 HU) across the posterior half of the "
         "lower lobe(s), 30-55 mm above the lung base", "lungs",
@@ -124,6 +129,10 @@ PAINT_ORDER = (
     "Medical material")
 
 
-def draw_findings(rng: np.random.Generator, anat: Anatomy) -> dict[str, Params]:
-    """Parameters of all 18 abnormalities for one scan (drawn whatever the labels)."""
-    return {name: rendering.draw(rng, anat) for name, rendering in RENDERERS.items()}
+def draw_findings(rng: np.random.Generator, anat: Anatomy,
+                  conspicuity: float = REALISTIC) -> dict[str, Params]:
+    """Parameters of all 18 abnormalities for one scan (drawn whatever the labels);
+    `conspicuity` > 1 exaggerates them (docs/synthetic_data.md)."""
+    conspicuity = check_conspicuity(conspicuity)
+    return {name: rendering.draw(rng, anat, conspicuity)
+            for name, rendering in RENDERERS.items()}

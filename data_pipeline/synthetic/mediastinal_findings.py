@@ -5,6 +5,11 @@ lymphadenopathy.
 Each finding has `draw_*(rng, anatomy) -> params` and either `paint_*(canvas, anatomy,
 params)` or `modify_*(anatomy, params) -> anatomy`; see `abnormalities` for the registry.
 Points are (y, x, z) mm: anterior->posterior, right->left, inferior->superior.
+
+Every `draw_*` takes the release's `conspicuity` (see `conspicuity`): 1.0 draws the
+realistic parameters; larger values make each finding bigger, more numerous and more
+contrasty.  Calcium and metal are clipped to +1000 HU by the demo like bone, so their
+conspicuous versions differ from bone by extent and location, not brightness.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.synthetic.anatomy import Anatomy, protected_mask
+from data_pipeline.synthetic.conspicuity import (
+    REALISTIC, exaggerated, grow, more, toward)
 from data_pipeline.synthetic.canvas import (
     Canvas, ellipsoid_box, ellipsoid_radius2, lattice_field, paint_ellipsoid, paint_polyline,
     unit_vector)
@@ -22,7 +29,7 @@ from data_pipeline.synthetic.canvas import (
 Params = dict[str, Any]
 
 
-def draw_medical_material(rng, anat: Anatomy) -> Params:
+def draw_medical_material(rng, anat: Anatomy, conspicuity: float = REALISTIC) -> Params:
     kind = ("cardiac pacemaker", "port catheter", "sternotomy wires")[rng.integers(3)]
     side = (1 if rng.random() < 0.8 else -1) * (1 if kind == "cardiac pacemaker" else -1)
     x = anat.x0 + side * rng.uniform(55, 80)
@@ -44,17 +51,20 @@ def draw_medical_material(rng, anat: Anatomy) -> Params:
                              np.full_like(angles, start - i * gap)], 1)
             wires.append(loop)
     semi = (5.0, 22.0, 18.0) if kind == "cardiac pacemaker" else (7.0, 14.0, 14.0)
+    if exaggerated(conspicuity):  # a bigger device, thicker lead and wires
+        semi = tuple(float(v) * grow(conspicuity, 0.6) for v in semi)
+    wire_mm = 2.0 * grow(conspicuity, 0.8)
     return {"kind": kind, "device": device, "semi": semi, "lead": lead, "wires": wires,
-            "details": {"device": kind}}
+            "lead_mm": wire_mm, "wire_mm": wire_mm, "details": {"device": kind}}
 
 
 def paint_medical_material(canvas: Canvas, anat: Anatomy, p: Params) -> None:
     if p["kind"] == "sternotomy wires":
         for loop in p["wires"]:
-            paint_polyline(canvas, loop, 2.0, 3000.0)
+            paint_polyline(canvas, loop, p["wire_mm"], 3000.0)
         return
     paint_ellipsoid(canvas, p["device"], p["semi"], 3000.0)
-    paint_polyline(canvas, p["lead"], 2.0, 2600.0)
+    paint_polyline(canvas, p["lead"], p["lead_mm"], 2600.0)
 
 
 def _aorta_positions(anat: Anatomy, count: int = 60) -> tuple[np.ndarray, ...]:
@@ -71,15 +81,21 @@ def _aorta_positions(anat: Anatomy, count: int = 60) -> tuple[np.ndarray, ...]:
     return centre[keep], direction[keep], radius[keep]
 
 
-def draw_arterial_wall_calcification(rng, anat: Anatomy) -> Params:
+def draw_arterial_wall_calcification(rng, anat: Anatomy,
+                                     conspicuity: float = REALISTIC) -> Params:
+    c = conspicuity
     centre, direction, radius = _aorta_positions(anat)
+    # Conspicuous: many more, longer and thicker plaques (a largely calcified aorta),
+    # set deeper into the wall so that they stay on the aorta.
+    inset = 1.0 * grow(c, 1.2)
     plaques = []
-    for i in rng.integers(len(centre), size=int(rng.integers(6, 13))):
+    for i in rng.integers(len(centre), size=int(rng.integers(more(6, c), more(13, c)))):
         normal = unit_vector(np.cross(direction[i], rng.normal(size=3)))
-        middle = centre[i] + (radius[i] - 1.0) * normal
-        half = 0.5 * rng.uniform(12, 25) * direction[i]
-        plaques.append((np.array([middle - half, middle + half]), rng.uniform(3.0, 4.0),
-                        rng.uniform(700, 900)))
+        middle = centre[i] + (radius[i] - inset) * normal
+        half = 0.5 * rng.uniform(12, 25) * grow(c, 0.5) * direction[i]
+        plaques.append((np.array([middle - half, middle + half]),
+                        rng.uniform(3.0, 4.0) * grow(c, 0.5),
+                        toward(rng.uniform(700, 900), 1000.0, c)))
     return {"plaques": plaques, "details": {}}
 
 
@@ -88,8 +104,9 @@ def paint_arterial_wall_calcification(canvas: Canvas, anat: Anatomy, p: Params) 
         paint_polyline(canvas, points, radius, value)
 
 
-def draw_cardiomegaly(rng, anat: Anatomy) -> Params:
-    return {"scale": rng.uniform(1.35, 1.45), "scale_z": rng.uniform(1.1, 1.2), "details": {}}
+def draw_cardiomegaly(rng, anat: Anatomy, conspicuity: float = REALISTIC) -> Params:
+    return {"scale": toward(rng.uniform(1.35, 1.45), 1.65, conspicuity),
+            "scale_z": toward(rng.uniform(1.1, 1.2), 1.3, conspicuity), "details": {}}
 
 
 def modify_cardiomegaly(anat: Anatomy, p: Params) -> Anatomy:
@@ -105,8 +122,8 @@ def modify_cardiomegaly(anat: Anatomy, p: Params) -> Anatomy:
     return dataclasses.replace(anat, heart=enlarged)
 
 
-def draw_pericardial_effusion(rng, anat: Anatomy) -> Params:
-    thickness = rng.uniform(14, 22)
+def draw_pericardial_effusion(rng, anat: Anatomy, conspicuity: float = REALISTIC) -> Params:
+    thickness = rng.uniform(14, 22) * grow(conspicuity, 0.3)
     return {"thickness_mm": thickness, "hu": rng.uniform(0, 12),
             "details": {"size_mm": int(round(thickness))}}
 
@@ -116,30 +133,35 @@ def modify_pericardial_effusion(anat: Anatomy, p: Params) -> Anatomy:
     return dataclasses.replace(anat, heart=heart)
 
 
-def draw_coronary_calcification(rng, anat: Anatomy) -> Params:
+def draw_coronary_calcification(rng, anat: Anatomy, conspicuity: float = REALISTIC) -> Params:
+    c = conspicuity
     segments = []
-    for _ in range(int(rng.integers(3, 6))):
-        start, span = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 0.9)
-        height, drift = rng.uniform(0.0, 0.6), rng.uniform(-0.15, 0.15)
-        segments.append((start, span, height, drift, rng.uniform(3.0, 3.8),
-                         rng.uniform(800, 1000)))
-    return {"segments": segments, "details": {}}
+    # Conspicuous: many long, thick segments that also reach the lower heart.
+    for _ in range(int(rng.integers(more(3, c, 1.3), more(6, c, 1.3)))):
+        start, span = rng.uniform(0, 2 * np.pi), rng.uniform(0.5, 0.9) * grow(c, 0.5)
+        height, drift = rng.uniform(toward(0.0, -0.5, c), 0.6), rng.uniform(-0.15, 0.15)
+        segments.append((start, span, height, drift, rng.uniform(3.0, 3.8) * grow(c, 0.5),
+                         toward(rng.uniform(800, 1000), 1000.0, c)))
+    # Conspicuous segments are thicker than half the fat rim, so they run deeper in it
+    # (touching the myocardium) to stay inside the pericardium.
+    return {"segments": segments, "rim_fraction": toward(0.5, 0.25, c), "details": {}}
 
 
 def paint_coronary_calcification(canvas: Canvas, anat: Anatomy, p: Params) -> None:
     heart = anat.heart
-    # Coronary arteries run in the epicardial fat, half way through the rim.
-    scale = 1.0 + 0.5 * heart.rim_mm / float(np.mean(heart.semi_axes[:2]))
+    # Coronary arteries run in the epicardial fat, half way through the rim when realistic.
+    scale = 1.0 + p["rim_fraction"] * heart.rim_mm / float(np.mean(heart.semi_axes[:2]))
     for start, span, height, drift, radius, value in p["segments"]:
         steps = np.linspace(0.0, 1.0, 5)
         points = [heart.surface_point(start + s * span, height + s * drift, scale) for s in steps]
         paint_polyline(canvas, np.array(points), radius, value)
 
 
-def draw_hiatal_hernia(rng, anat: Anatomy) -> Params:
+def draw_hiatal_hernia(rng, anat: Anatomy, conspicuity: float = REALISTIC) -> Params:
     centre = np.array([anat.vb_y - anat.vb_r - rng.uniform(24, 32), anat.x0 + rng.uniform(-4, 12),
                        anat.z_base + 0.9 * anat.dome_left + rng.uniform(15, 30)])
-    semi = np.array([rng.uniform(22, 28), rng.uniform(24, 32), rng.uniform(24, 32)])
+    semi = (np.array([rng.uniform(22, 28), rng.uniform(24, 32), rng.uniform(24, 32)])
+            * grow(conspicuity, 0.2))
     level = centre[0] - semi[0] * rng.uniform(0.05, 0.35)
     return {"centre": centre, "semi": semi, "air_level_y": level,
             "seed": int(rng.integers(2 ** 31)), "details": {}}
@@ -161,23 +183,39 @@ def paint_hiatal_hernia(canvas: Canvas, anat: Anatomy, p: Params) -> None:
     canvas.hu[slices][inside] = np.broadcast_to(contents, inside.shape)[inside]
 
 
-def draw_lymphadenopathy(rng, anat: Anatomy) -> Params:
+def draw_lymphadenopathy(rng, anat: Anatomy, conspicuity: float = REALISTIC) -> Params:
+    c = conspicuity
     (y_tr, x_tr, z_car), hila = anat.trachea.points[1], anat.hila
     stations = np.array([[y_tr - 5, x_tr - 20, z_car + 30],  # right paratracheal
                          [y_tr - 8, x_tr + 22, z_car + 10],  # aortopulmonary window
                          [y_tr + 12, x_tr, z_car - 25],  # subcarinal
                          [anat.cav_front + 30, anat.x0 + 5, z_car + 20],  # prevascular
                          hila[0] + [-5, -10, -5], hila[1] + [-5, 10, -5]])  # hilar
-    chosen = rng.choice(len(stations), size=int(rng.integers(3, 6)), replace=False)
-    if not np.isin(chosen, [4, 5]).any():
-        chosen[-1] = 4 + int(rng.integers(2))  # hilar nodes are the most conspicuous
+    if exaggerated(c):
+        chosen = _conspicuous_stations(stations, c)
+    else:
+        chosen = rng.choice(len(stations), size=int(rng.integers(3, 6)), replace=False)
+        if not np.isin(chosen, [4, 5]).any():
+            chosen[-1] = 4 + int(rng.integers(2))  # hilar nodes are the most conspicuous
     nodes = []
     for index in chosen:
-        radius = rng.uniform(9, 14)
+        radius = rng.uniform(9, 14) * grow(c, 0.9)
         semi = radius * np.array([1.0, rng.uniform(0.9, 1.2), rng.uniform(1.0, 1.4)])
         nodes.append((stations[index] + rng.normal(0, 4, 3), semi))
     short_axis = max(2 * float(semi.min()) for _, semi in nodes)  # of the largest node
     return {"nodes": nodes, "details": {"size_mm": int(round(short_axis))}}
+
+
+def _conspicuous_stations(stations: np.ndarray, conspicuity: float) -> np.ndarray:
+    """Indices of the paratracheal, aortopulmonary and prevascular stations, the first
+    two moved out so that their (bulky) nodes bulge into the upper lungs.
+
+    The hilar and subcarinal stations are left out: thickened bronchial walls crowd
+    them, while a node replacing mediastinal fat, or bulging into the upper lung
+    beside the trachea, is a contrast nothing else makes there.
+    """
+    stations[:, 1] += toward(0.0, 30.0, conspicuity) * np.array([-1, 1, 0, 0, 0, 0])
+    return np.array([0, 1, 3])
 
 
 def paint_lymphadenopathy(canvas: Canvas, anat: Anatomy, p: Params) -> None:

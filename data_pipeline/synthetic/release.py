@@ -30,6 +30,8 @@ from data_pipeline.schema import (
 from data_pipeline.synthetic.abnormalities import draw_findings
 from data_pipeline.synthetic.anatomy import draw_anatomy
 from data_pipeline.synthetic.canvas import Grid
+from data_pipeline.synthetic.conspicuity import (
+    DEMO_CONSPICUITY, REALISTIC, check_conspicuity)
 from data_pipeline.synthetic.labels import AGE_RANGE, draw_labels
 from data_pipeline.synthetic.metadata import (
     NOMINAL_SLICE_THICKNESS_MM, draw_protocol, draw_study_date, metadata_row)
@@ -56,12 +58,13 @@ class ReleaseSummary:
     num_patients: dict[str, int]
     num_scans: dict[str, int]
     seconds: float = 0.0
+    conspicuity: float = REALISTIC  # 1.0 = realistic findings, larger = exaggerated
 
     def describe(self) -> str:
         return (f"wrote {self.num_train + self.num_valid} volumes ({self.num_train} train / "
                 f"{self.num_valid} valid; {sum(self.num_scans.values())} scans of "
-                f"{sum(self.num_patients.values())} patients) to {self.root} "
-                f"in {self.seconds:.1f} s")
+                f"{sum(self.num_patients.values())} patients, conspicuity "
+                f"{self.conspicuity:g}) to {self.root} in {self.seconds:.1f} s")
 
 
 @dataclasses.dataclass
@@ -180,7 +183,7 @@ def _plan_patient(split: _Split, root: pathlib.Path, ids: tuple[str, int], key: 
         study_date = draw_study_date(scan_rng, study_date)
         scan_age = age + (0 if scan_index == 0 else 1)
         labels = draw_labels(scan_rng, scan_age, options["min_prevalence"], labels)
-        plan = ScanPlan(anatomy, draw_findings(scan_rng, anatomy))
+        plan = ScanPlan(anatomy, draw_findings(scan_rng, anatomy, options["conspicuity"]))
         protocol = draw_protocol(scan_rng, sex, scan_age, study_date)
         length_mm = scan_rng.uniform(*options["length_mm_range"])
         thickness = NOMINAL_SLICE_THICKNESS_MM[
@@ -234,26 +237,30 @@ def generate_release(out_dir: str | os.PathLike, num_volumes: int, seed: int = 0
                      valid_fraction: float = 0.2, matrix: int = 80,
                      xy_spacing_range=(4.2, 5.2), z_spacing_range=(5.0, 9.0),
                      length_mm_range=(280.0, 360.0), min_prevalence: float = 0.0,
-                     workers: int | None = None) -> ReleaseSummary:
+                     workers: int | None = None,
+                     conspicuity: float = REALISTIC) -> ReleaseSummary:
     """Writes a synthetic CT-RATE release under `out_dir`/dataset.
 
     `num_volumes` reconstructions in total; `valid_fraction` of the patients go to the
     validation split.  Spacings are drawn per volume from the ranges (mm); the number
     of slices covers a length drawn per scan from `length_mm_range`.  Every label's
-    prevalence is raised to at least `min_prevalence`.  `workers` processes (default:
-    all CPUs) rasterise the volumes.  The same arguments give identical files.
+    prevalence is raised to at least `min_prevalence`.  `conspicuity` 1.0 renders
+    realistic findings; larger values exaggerate every finding (the demo uses
+    `conspicuity.DEMO_CONSPICUITY`).  `workers` processes (default: all CPUs) rasterise
+    the volumes.  The same arguments give identical files.
     """
     if num_volumes < 1:
         raise ValueError(f"num_volumes must be >= 1, got {num_volumes}")
     if not 0.0 <= valid_fraction < 1.0:
         raise ValueError(f"valid_fraction must be in [0, 1), got {valid_fraction}")
+    conspicuity = check_conspicuity(conspicuity)
     start = time.perf_counter()
     options = {"seed": int(seed), "num_volumes": int(num_volumes),
                "valid_fraction": float(valid_fraction), "matrix": int(matrix),
                "xy_spacing_range": [float(v) for v in xy_spacing_range],
                "z_spacing_range": [float(v) for v in z_spacing_range],
                "length_mm_range": [float(v) for v in length_mm_range],
-               "min_prevalence": float(min_prevalence)}
+               "min_prevalence": float(min_prevalence), "conspicuity": conspicuity}
     out_dir = pathlib.Path(out_dir)
     root = _prepare_output(out_dir, options)
     splits = {"train": _Split(), "valid": _Split()}
@@ -278,7 +285,7 @@ def generate_release(out_dir: str | os.PathLike, num_volumes: int, seed: int = 0
                       for s, split in splits.items()},
         num_patients={s: split.patients for s, split in splits.items()},
         num_scans={s: split.scans for s, split in splits.items()},
-        seconds=time.perf_counter() - start)
+        seconds=time.perf_counter() - start, conspicuity=conspicuity)
 
 
 def _float_pair(text: str) -> tuple[float, float]:
@@ -309,11 +316,15 @@ def main(argv: list[str] | None = None) -> ReleaseSummary:
                         help="raise every label's prevalence to at least this")
     parser.add_argument("--workers", type=int, default=None,
                         help="processes (default: all CPUs)")
+    parser.add_argument("--conspicuity", type=float, default=REALISTIC,
+                        help="1 = realistic findings; larger values exaggerate them "
+                             f"(the demo uses {DEMO_CONSPICUITY}; see docs/synthetic_data.md)")
     args = parser.parse_args(argv)
     summary = generate_release(
         args.out, args.num_volumes, args.seed, valid_fraction=args.valid_fraction,
         matrix=args.matrix, xy_spacing_range=args.xy_spacing_range,
         z_spacing_range=args.z_spacing_range, length_mm_range=args.length_mm_range,
-        min_prevalence=args.min_prevalence, workers=args.workers)
+        min_prevalence=args.min_prevalence, workers=args.workers,
+        conspicuity=args.conspicuity)
     print(summary.describe())
     return summary

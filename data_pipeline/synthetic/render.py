@@ -14,6 +14,7 @@ from data_pipeline.schema import ABNORMALITIES, NUM_ABNORMALITIES
 from data_pipeline.synthetic.abnormalities import PAINT_ORDER, RENDERERS, Params, draw_findings
 from data_pipeline.synthetic.anatomy import Anatomy, draw_anatomy, paint_anatomy
 from data_pipeline.synthetic.canvas import Canvas, Grid
+from data_pipeline.synthetic.conspicuity import REALISTIC
 
 # The HU range a 12-bit CT reconstruction can hold.
 HU_MIN, HU_MAX = -1024.0, 3071.0
@@ -32,11 +33,12 @@ class ScanPlan:
         return dict(self.findings[name].get("details", {}))
 
 
-def draw_plan(rng: np.random.Generator, anatomy: Anatomy | None = None) -> ScanPlan:
+def draw_plan(rng: np.random.Generator, anatomy: Anatomy | None = None,
+              conspicuity: float = REALISTIC) -> ScanPlan:
     """Draws the anatomy (unless given, e.g. for a patient's second scan) and the
-    parameters of all 18 findings."""
+    parameters of all 18 findings (exaggerated when `conspicuity` > 1)."""
     anatomy = draw_anatomy(rng) if anatomy is None else anatomy
-    return ScanPlan(anatomy, draw_findings(rng, anatomy))
+    return ScanPlan(anatomy, draw_findings(rng, anatomy, conspicuity))
 
 
 def _positives(labels) -> set[str]:
@@ -78,7 +80,8 @@ def add_noise_and_clip(hu: np.ndarray, rng: np.random.Generator, sigma: float) -
 
 
 def render_volume(labels, rng: np.random.Generator, shape, spacing_mm, *,
-                  noise_sigma: float | None = None, return_masks: bool = False):
+                  noise_sigma: float | None = None, return_masks: bool = False,
+                  conspicuity: float = REALISTIC):
     """Renders one random chest CT with the given abnormalities.
 
     Args:
@@ -92,12 +95,14 @@ def render_volume(labels, rng: np.random.Generator, shape, spacing_mm, *,
       noise_sigma: HU of the white noise; drawn from 10-20 HU when None.
       return_masks: also return the canvas masks ("body", "lungs", "parenchyma",
         "heart", "aorta", "bone", ...) as bool[H, W, D].
+      conspicuity: 1.0 renders realistic findings; larger values exaggerate them
+        (size, extent, number, contrast; docs/synthetic_data.md).
 
     Returns:
       float32[H, W, D] HU clipped to [-1024, 3071], or (volume, masks).
     """
     grid = Grid(tuple(int(n) for n in shape), tuple(float(s) for s in spacing_mm))
-    plan = draw_plan(rng)
+    plan = draw_plan(rng, conspicuity=conspicuity)
     sigma = rng.uniform(*NOISE_SIGMA_RANGE) if noise_sigma is None else noise_sigma
     canvas = rasterize(plan, labels, grid)
     volume = add_noise_and_clip(canvas.hu, rng, sigma)

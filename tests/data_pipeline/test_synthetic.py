@@ -17,6 +17,7 @@ from data_pipeline.schema import (
     parse_xy_spacing)
 from data_pipeline.synthetic import PREVALENCES, RENDERINGS, generate_release, render_volume
 from data_pipeline.synthetic.abnormalities import RENDERERS
+from data_pipeline.synthetic.conspicuity import DEMO_CONSPICUITY
 from data_pipeline.synthetic.labels import draw_labels, label_probabilities
 from data_pipeline.synthetic.release import main, save_nifti, to_stored
 from data_pipeline.synthetic.reports import (
@@ -226,6 +227,32 @@ def test_each_abnormality_is_visible_in_its_region(index, normal_render):
     assert inside > 0.95, f"{name}: {inside:.0%} of the change in {RENDERERS[name].region}"
     coarse = np.abs(_demo_grid(volume) - _demo_grid(normal_render))
     assert (coarse > 50).sum() >= 20, f"{name} does not survive the demo grid"
+
+
+def test_conspicuity_one_is_the_realistic_rendering():
+    args = (np.eye(18)[9] + np.eye(18)[12], (40, 40, 20), (9.0, 9.0, 15.0))
+    default = render_volume(args[0], np.random.default_rng(5), *args[1:])
+    explicit = render_volume(args[0], np.random.default_rng(5), *args[1:], conspicuity=1.0)
+    np.testing.assert_array_equal(default, explicit)
+    with pytest.raises(ValueError, match="conspicuity"):
+        render_volume(args[0], np.random.default_rng(5), *args[1:], conspicuity=0.5)
+
+
+@pytest.mark.parametrize("name", ["Lung nodule", "Emphysema", "Lymphadenopathy",
+                                  "Coronary artery wall calcification"])
+def test_conspicuity_exaggerates_the_finding(name):
+    """The demo's conspicuity changes more voxels, by more HU, than the realistic one."""
+    labels = np.eye(18)[ABNORMALITIES.index(name)]
+
+    def change(conspicuity):
+        kwargs = dict(noise_sigma=0.0, conspicuity=conspicuity)
+        normal = render_volume(np.zeros(18), np.random.default_rng(SEED), FINE_SHAPE,
+                               FINE_SPACING, **kwargs)
+        finding = render_volume(labels, np.random.default_rng(SEED), FINE_SHAPE,
+                                FINE_SPACING, **kwargs)
+        return np.abs(_demo_grid(finding) - _demo_grid(normal)).sum()
+
+    assert change(DEMO_CONSPICUITY) > 1.3 * change(1.0), name
 
 
 def test_renderings_are_documented_for_every_abnormality():
