@@ -23,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
+from flax import nnx
 
-from ct_rate_jax import sharding
+from ct_rate_jax import checkpoint_io, sharding
 from ct_rate_jax.evaluation import zero_shot
 from ct_rate_jax.models.ct_clip import CTCLIP, CTCLIPConfig
 from ct_rate_jax.training import checkpoints, train_state
@@ -140,6 +141,7 @@ def train(workdir: str = gin.REQUIRED,
           eval_data: str | None = None,
           tokenizer: str | None = None,
           text_tower_init: str | None = None,
+          init_checkpoint: str | None = None,
           synthetic_data: SyntheticData | None = None,
           max_text_length: int = 512,
           text_sections: tuple[str, ...] = ("findings",),
@@ -166,7 +168,10 @@ def train(workdir: str = gin.REQUIRED,
       mesh_shape: (data, fsdp, tensor) sizes; one may be -1 (all remaining devices).
       tokenizer: tokenizer.json, or a Hugging Face model directory with vocab.txt.
       text_tower_init: a local Hugging Face BERT directory (e.g. CXR-BERT) whose
-        weights initialise the text tower of a fresh run.
+        weights initialise the text tower of a fresh run (after `init_checkpoint`).
+      init_checkpoint: a model directory (`python -m experiments.convert_official`)
+        whose weights initialise the model of a fresh run; `model` must have its shapes
+        (include the directory's model.gin).  Ignored when resuming.
       synthetic_data: build and use the synthetic demo data (demo.gin).
       text_sections: report sections used as text ("findings", "impressions").
       sentence_sampling_prob: probability of training on a random subset of a report's
@@ -212,9 +217,12 @@ def train(workdir: str = gin.REQUIRED,
                                                           state.shardings)
         data_iter.set_state(data_state)
         log(f"resumed from {checkpointer.directory}/{start_step}")
-    elif text_tower_init:
-        train_state.init_text_tower_from_hf(state, text_tower_init)
-        log(f"text tower initialised from {text_tower_init}")
+    elif init_checkpoint or text_tower_init:
+        if init_checkpoint:
+            init_from_model_directory(state, init_checkpoint, log)
+        if text_tower_init:
+            train_state.init_text_tower_from_hf(state, text_tower_init)
+            log(f"text tower initialised from {text_tower_init}")
     start_step = start_step or 0
     if is_main:
         os.makedirs(workdir, exist_ok=True)
@@ -269,6 +277,23 @@ def train(workdir: str = gin.REQUIRED,
             with open(os.path.join(workdir, "zero_shot.json"), "w", encoding="utf-8") as f:
                 json.dump(result["zero_shot"], f, indent=2)
     return result
+
+
+def init_from_model_directory(state: train_state.TrainState, directory: str, log=print) -> None:
+    """Sets a fresh train state's model weights to a model directory's, in place.
+
+    The optimizer state stays fresh.  Weights of another shape stop the run with one
+    error naming the directory and every differing weight; config fields that differ
+    without changing any shape (e.g. the temporal PEG layout) are logged.
+    """
+    model, optimizer = nnx.merge(state.graphdef, state.state)
+    differences = checkpoint_io.config_differences(checkpoint_io.read_config(directory),
+                                                   model.config)
+    checkpoint_io.load_weights_into(model, directory)
+    state.state = jax.device_put(nnx.state((model, optimizer)), state.shardings)
+    log(f"model initialised from {directory}"
+        + (f" (config fields that differ, its vs this run's: {'; '.join(differences)})"
+           if differences else ""))
 
 
 class _Throughput:

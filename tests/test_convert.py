@@ -10,6 +10,7 @@ torch = pytest.importorskip("torch")
 
 from ct_rate_jax import convert  # noqa: E402
 from ct_rate_jax.models.ct_clip_weights import ct_clip_to_state_dict  # noqa: E402
+from ct_rate_jax.models.weight_io import StateDictMismatchError  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -68,3 +69,44 @@ def test_config_mismatch_is_reported(fixture):
     _, config, _ = fixture
     with pytest.raises(ValueError, match="dim_image"):
         convert.official_config(dict(config, dim_image=2048))
+
+
+def test_problems_of_every_part_are_reported_together(fixture):
+    directory, config, _ = fixture
+    state = convert.read_torch_checkpoint(directory / "ctclip_A.pt")
+    del state["visual_transformer.to_patch_emb.2.weight"]
+    state["text_transformer.surprise"] = np.zeros(1, np.float32)
+    with pytest.raises(StateDictMismatchError) as error:
+        convert.official_model(state, convert.official_config(config))
+    assert "CT-ViT" in str(error.value) and "BERT" in str(error.value)
+    assert "visual_transformer.to_patch_emb.2.weight" in str(error.value)
+    assert "text_transformer.surprise" in str(error.value)
+
+
+def test_consuming_load_releases_every_entry_it_owns(fixture):
+    directory, config, _ = fixture
+    state = convert.read_torch_checkpoint(directory / "lipro_A.pt")
+    head = convert.split_lipro_head(state, config["dim_latent"])
+    convert.official_model(state, convert.official_config(config),
+                           prefix=convert.LIPRO_PREFIX, consume=True)
+    assert state == {} and head["classifier.weight"].shape == (18, config["dim_latent"])
+
+
+def test_placeholders_complete_the_official_key_set(model, fixture):
+    directory, _, _ = fixture
+    official = convert.read_torch_checkpoint(directory / "ctclip_A.pt")
+    ours = convert.official_state_dict(model)
+    assert {k: v.shape for k, v in ours.items()} == {k: v.shape for k, v in official.items()}
+    assert ours["visual_transformer.vq._codebook.initted"].tolist() == [1.0]
+
+
+def test_variant_detection(fixture):
+    directory, config, _ = fixture
+    clip = {"to_text_latent.weight": None}
+    assert convert.resolve_variant(clip, "CT-CLIP_v2.pt") == "clip"
+    assert convert.resolve_variant(clip, "/m/CT_VocabFine_v2.pt") == "vocabfine"
+    assert convert.resolve_variant({"trained_model.temperature": None}, "x.pt") == "lipro"
+    with pytest.raises(ValueError, match="not variant 'clip'"):
+        convert.resolve_variant({"trained_model.temperature": None}, "x.pt", "clip")
+    with pytest.raises(ValueError, match="unknown CTViT argument"):
+        convert.official_config(dict(config, ctvit=dict(config["ctvit"], use_vq=False)))

@@ -14,6 +14,7 @@ the unused `*_extra` projections of the official code are not part of the model.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -56,6 +57,28 @@ class CTCLIPConfig:
         if self.text_pooling not in ("cls", "mean"):
             raise ValueError("CTCLIPConfig.text_pooling must be 'cls' or 'mean', got "
                              f"{self.text_pooling!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dict; `from_dict` inverts it exactly."""
+        top = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return dict(top, ctvit=dataclasses.asdict(self.ctvit), text=self.text.to_dict())
+
+    @classmethod
+    def from_dict(cls, config: Mapping[str, Any]) -> CTCLIPConfig:
+        """Inverse of `to_dict`; unknown top-level or CT-ViT keys are an error (a config
+        written by another version should fail loudly, not load as something else)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        ctvit_known = {f.name for f in dataclasses.fields(CTViTConfig)}
+        unknown = sorted(set(config) - known) + sorted(
+            f"ctvit.{k}" for k in set(config.get("ctvit", {})) - ctvit_known)
+        if unknown:
+            raise ValueError(f"unknown CTCLIPConfig field(s): {', '.join(unknown)}")
+        values = dict(config)
+        if "ctvit" in values:
+            values["ctvit"] = CTViTConfig(**values["ctvit"])
+        if "text" in values:
+            values["text"] = BertConfig.from_dict(values["text"])
+        return cls(**values)
 
 
 def variant(name: str, **text_overrides: Any) -> CTCLIPConfig:
