@@ -71,13 +71,16 @@ _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 def sample_sentences(text: str, rng: np.random.Generator) -> str:
     """A random non-empty subset of the text's sentences, in their original order.
 
-    Text augmentation in the spirit of ConVIRT's sentence sampling: the model also sees
-    short statements like the zero-shot prompts ("Lung nodule is present.").
+    Text augmentation in the spirit of ConVIRT's sentence sampling.  The number of
+    sentences kept is geometric (1 with probability 1/2, 2 with 1/4, ...), so the model
+    often sees single statements of the form the zero-shot prompts take ("Lung nodule
+    is present." / "Pleural effusion is not present.") paired with a volume; that is
+    where it learns what a negation does.
     """
     sentences = [s for s in _SENTENCE_END.split(text.strip()) if s]
     if len(sentences) <= 1:
         return text
-    count = int(rng.integers(1, len(sentences) + 1))
+    count = min(int(rng.geometric(0.5)), len(sentences))
     keep = np.sort(rng.choice(len(sentences), size=count, replace=False))
     return " ".join(sentences[i] for i in keep)
 

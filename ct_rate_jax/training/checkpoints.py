@@ -15,7 +15,6 @@ import os
 from typing import Any
 
 import jax
-import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -134,11 +133,3 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
-
-
-def state_fingerprint(abstract_state: Any) -> list[list]:
-    """(path, shape, dtype) of every array: recorded in meta for humans and tools."""
-    leaves = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(abstract_state))[0]
-    return [[jax.tree_util.keystr(p), list(x.shape), str(np.dtype(x.dtype))
-             if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else "key"]
-            for p, x in leaves]

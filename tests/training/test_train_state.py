@@ -64,14 +64,13 @@ def loss_and_grads(mesh):
 
 @pytest.fixture(scope="module")
 def single_device_reference():
-    mesh = sharding.make_mesh(devices=jax.devices()[:1])
-    return loss_and_grads(mesh), run_steps(mesh, 2)[1]
+    return loss_and_grads(sharding.make_mesh(devices=jax.devices()[:1]))
 
 
 @pytest.mark.parametrize("mesh_shape", [(8, 1, 1), (2, 4, 1), (1, 4, 2)])
 def test_eight_devices_match_one_device(single_device_reference, mesh_shape):
     assert jax.device_count() == 8
-    (reference_loss, reference_grads), reference_losses = single_device_reference
+    reference_loss, reference_grads = single_device_reference
     mesh = sharding.make_mesh(*mesh_shape)
     loss, grads = loss_and_grads(mesh)
     assert loss == pytest.approx(reference_loss, rel=1e-6)
@@ -83,8 +82,7 @@ def test_eight_devices_match_one_device(single_device_reference, mesh_shape):
         scale = max(np.abs(reference_grads[key]).max(), 1e-3 * largest)
         np.testing.assert_allclose(grad / scale, reference_grads[key] / scale, atol=1e-4,
                                    err_msg=key)
-    # Two optimizer steps: the second loss sees the first update.
-    np.testing.assert_allclose(run_steps(mesh, 2)[1], reference_losses, rtol=1e-5)
+    # Several optimizer steps on 8 devices: tests/experiments/test_pretrain.py.
 
 
 def test_parameters_are_sharded_as_the_rules_say():
