@@ -4,7 +4,8 @@ r"""Contrastive pretraining of CT-CLIP on prepared CT-RATE shards.
          [--workdir DIR] [--steps N]
 
 Rerunning the same command in the same workdir resumes from the newest checkpoint
-(model, optimizer and data iterator together).  Metrics go to <workdir>/metrics.jsonl
+(model, optimizer and data iterator together).  SIGTERM (preemption) or Ctrl-C ends the
+run after the current step with a checkpoint on disk and exit status 0.  Metrics go to <workdir>/metrics.jsonl
 and TensorBoard files in <workdir>/tensorboard; with `train.zero_shot_at_end` the run
 ends with the zero-shot abnormality table on the evaluation shards.
 """
@@ -28,7 +29,7 @@ from flax import nnx
 from ct_rate_jax import checkpoint_io, sharding
 from ct_rate_jax.evaluation import zero_shot
 from ct_rate_jax.models.ct_clip import CTCLIP, CTCLIPConfig
-from ct_rate_jax.training import checkpoints, train_state
+from ct_rate_jax.training import checkpoints, preemption, train_state
 from ct_rate_jax.training.metrics_writer import MetricsWriter
 from data_pipeline import input_pipeline, schema
 from data_pipeline.tokenizer import TextEncoder
@@ -240,30 +241,45 @@ def train(workdir: str = gin.REQUIRED,
     last_metrics: dict[str, Any] = {}
     pending = None
     throughput = _Throughput(start_step, global_batch_size)
+    stopped_at = None
     try:
-        for step in range(start_step, num_steps):
-            t0 = time.perf_counter()
-            host_batch = next(data_iter)
-            throughput.data_wait += time.perf_counter() - t0
-            device_batch = sharding.host_batch_to_global(
-                {k: host_batch[k] for k in ("volume", "input_ids", "attention_mask")}, mesh)
-            state.state, metrics = step_fn(state.state, device_batch)
+        with preemption.StopRequest() as stop:
+            for step in range(start_step, num_steps):
+                t0 = time.perf_counter()
+                host_batch = next(data_iter)
+                throughput.data_wait += time.perf_counter() - t0
+                device_batch = sharding.host_batch_to_global(
+                    {k: host_batch[k] for k in ("volume", "input_ids", "attention_mask")},
+                    mesh)
+                state.state, metrics = step_fn(state.state, device_batch)
+                if pending is not None:
+                    last_metrics = _log(writer, pending, throughput)
+                    pending = None
+                writer.advance()
+                done = step + 1
+                if done % log_every == 0 or done == num_steps:
+                    pending = (done, metrics)
+                saved = done % checkpoint_every == 0 or done == num_steps
+                if saved:
+                    checkpointer.save(done, state.state, data_iter.get_state(), meta)
+                if done < num_steps and stop.requested():
+                    # Preemption or Ctrl-C: keep this step's work, then leave cleanly.
+                    if not saved:
+                        checkpointer.save(done, state.state, data_iter.get_state(), meta)
+                    pending = pending or (done, metrics)
+                    stopped_at = (done, stop.signal_name or "a stop request on another host")
+                    break
             if pending is not None:
                 last_metrics = _log(writer, pending, throughput)
-                pending = None
-            writer.advance()
-            done = step + 1
-            if done % log_every == 0 or done == num_steps:
-                pending = (done, metrics)
-            if done % checkpoint_every == 0 or done == num_steps:
-                checkpointer.save(done, state.state, data_iter.get_state(), meta)
-        if pending is not None:
-            last_metrics = _log(writer, pending, throughput)
-        checkpointer.wait_until_finished()
+            checkpointer.wait_until_finished()  # durable before we exit 0
     finally:
         writer.close()
         checkpointer.close()
 
+    if stopped_at is not None:
+        log(f"\nstopped at step {stopped_at[0]} on {stopped_at[1]}; checkpoint written to "
+            f"{checkpointer.directory}/{stopped_at[0]}; rerun the same command to resume")
+        return {"final_step": stopped_at[0], "stopped_by": stopped_at[1], **last_metrics}
     result: dict[str, Any] = {"final_step": num_steps, **last_metrics}
     if zero_shot_at_end and paths.eval:
         eval_config = dataclasses.replace(

@@ -3,8 +3,11 @@
 import json
 import os
 import pathlib
+import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -93,3 +96,36 @@ def test_clear_errors_for_bad_configuration(tiny_synthetic_data, tmp_path):
                                + ["CTViTConfig.image_size=32"], 1)
     assert wrong_shape.returncode != 0 and "image_size" in wrong_shape.stderr
     assert not (tmp_path / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tiny_synthetic_data, tmp_path):
+    """A preempted run (SIGTERM) stops after the running step with a checkpoint on disk,
+    exits 0, and the same command resumes from that step."""
+    bindings = TINY_MODEL + data_bindings(tiny_synthetic_data) + [
+        "train.zero_shot_at_end=False", "train.checkpoint_every=1000", "train.log_every=1"]
+    args = [sys.executable, "-m", "experiments.pretrain", "--gin", "experiments/configs/demo.gin",
+            "--workdir", str(tmp_path), "--steps", "100000"]
+    for binding in bindings:
+        args += ["--gin_param", binding]
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    process = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    metrics_file = tmp_path / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 2):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()
+        time.sleep(0.2)
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=300)
+    assert process.returncode == 0, stderr[-3000:]
+    match = re.search(r"stopped at step (\d+) on SIGTERM", stdout)
+    assert match, stdout[-2000:]
+    stop_step = int(match.group(1))
+    assert os.listdir(tmp_path / "checkpoints") == [str(stop_step)]
+    assert metrics(tmp_path)[-1]["step"] == stop_step  # the last step's metrics were kept
+
+    resumed = run_pretrain(tmp_path, bindings, steps=stop_step + 2)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from {tmp_path / 'checkpoints'}/{stop_step}" in resumed.stdout
+    assert metrics(tmp_path)[-1]["step"] == stop_step + 2
