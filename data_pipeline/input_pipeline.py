@@ -22,6 +22,7 @@ Batches are dicts of numpy arrays:
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import sys
@@ -98,6 +99,10 @@ class PipelineConfig:
         random subset of its sentences (`sample_sentences`); 0 (default) keeps reports
         whole, as the official trainer does.
       num_workers: Grain worker processes (0: decode in threads of this process).
+      bad_records: what a training record that cannot be read or decoded does:
+        "stop" (default) raises `BadRecordError` naming its shard, index and volume;
+        "skip" trains on the next readable record in its place and marks the row
+        `substituted` (the trainer counts them), so batches keep their size.
     """
 
     shard_dir: str
@@ -109,6 +114,7 @@ class PipelineConfig:
     sentence_sampling_prob: float = 0.0
     seed: int = 0
     num_workers: int = 0
+    bad_records: str = "stop"
     read_threads: int = 2
     prefetch_buffer_size: int = 4
 
@@ -132,6 +138,59 @@ def peek_record(shard_dir: str) -> schema.CTRecord:
     """The first record of a shard folder (to check shapes before training starts)."""
     source = grain.sources.ArrayRecordDataSource(shard_paths(shard_dir))
     return schema.decode_record(source[0])
+
+
+BAD_RECORD_POLICIES = ("stop", "skip")
+
+
+class BadRecordError(RuntimeError):
+    """A training record that could not be read or decoded (its shard and index named)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordLocator:
+    """Maps a global record index to (shard path, index in the shard, VolumeName), from
+    the manifest, so that an error can say which file holds the bad record."""
+
+    shard_paths: tuple[str, ...]
+    shard_sizes: tuple[int, ...]
+    volume_names: tuple[tuple[str, ...], ...]
+
+    @classmethod
+    def from_shard_dir(cls, shard_dir: str) -> "RecordLocator":
+        from data_pipeline.prepare import Manifest
+
+        manifest = Manifest.load(shard_dir)
+        return cls(tuple(manifest.shard_paths()),
+                   tuple(shard.num_records for shard in manifest.shards),
+                   tuple(tuple(shard.volume_names) for shard in manifest.shards))
+
+    def describe(self, index: int) -> str:
+        local = int(index)
+        for path, size, names in zip(self.shard_paths, self.shard_sizes, self.volume_names):
+            if local < size:
+                name = names[local] if local < len(names) else "?"
+                return f"record {local} of shard {path} ({name})"
+            local -= size
+        return f"record {index} (beyond the {sum(self.shard_sizes)} the manifest lists)"
+
+
+class _IndexedSource:
+    """A random-access source whose items are (global index, record bytes or the read
+    error): reading never raises, so the decoding step can name the bad record and
+    apply the configured policy."""
+
+    def __init__(self, source):
+        self._source = source
+
+    def __len__(self) -> int:
+        return len(self._source)
+
+    def __getitem__(self, index: int):
+        try:
+            return int(index), self._source[index]
+        except Exception as error:  # noqa: BLE001 - reported with its location downstream
+            return int(index), error
 
 
 class _HostRowsOfGlobalBatches(grain.MapDataset):
@@ -174,14 +233,41 @@ class RecordToExample:
     """
 
     def __init__(self, text_encoder: TextEncoder, text_sections, hu_window,
-                 sentence_sampling_prob: float = 0.0):
+                 sentence_sampling_prob: float = 0.0, *, source=None,
+                 locator: RecordLocator | None = None, bad_records: str = "stop"):
+        if bad_records not in BAD_RECORD_POLICIES:
+            raise ValueError(f"bad_records must be one of {BAD_RECORD_POLICIES}, got "
+                             f"{bad_records!r}")
         self.text_encoder = text_encoder
         self.text_sections = tuple(text_sections)
         self.hu_window = tuple(hu_window)
         self.sentence_sampling_prob = sentence_sampling_prob
+        self.source, self.locator, self.bad_records = source, locator, bad_records
 
-    def __call__(self, data: bytes, rng: np.random.Generator | None = None) -> dict[str, Any]:
-        record = schema.decode_record(data)
+    def _decode(self, item) -> tuple[schema.CTRecord, bool]:
+        """(record, substituted) for bytes or an (index, bytes | read error) item."""
+        if not isinstance(item, tuple):
+            return schema.decode_record(item), False
+        index, data = item
+        for attempt in range(len(self.source) if self.source is not None else 1):
+            try:
+                if isinstance(data, Exception):
+                    raise data
+                return schema.decode_record(data), attempt > 0
+            except Exception as error:  # noqa: BLE001 - any failure names the record
+                where = (self.locator.describe(index) if self.locator is not None
+                         else f"record {index}")
+                if self.bad_records == "stop" or self.source is None:
+                    raise BadRecordError(f"cannot read {where}: {error!r} (set "
+                                         f"train.bad_records='skip' to train past it)"
+                                         ) from error
+                logging.warning("skipping unreadable %s: %r", where, error)
+                index = (index + 1) % len(self.source)
+                data = self.source[index][1]
+        raise BadRecordError("no readable record in the whole dataset")
+
+    def __call__(self, data, rng: np.random.Generator | None = None) -> dict[str, Any]:
+        record, substituted = self._decode(data)
         text = report_text(record, self.text_sections)
         if rng is not None and rng.random() < self.sentence_sampling_prob:
             text = sample_sentences(text, rng)
@@ -193,6 +279,7 @@ class RecordToExample:
             "labels": record.labels.astype(np.float32),
             "volume_name": np.asarray(record.volume_name),
             "valid": np.asarray(True),
+            "substituted": np.asarray(substituted),
         }
 
 
@@ -208,14 +295,17 @@ def make_train_dataset(config: PipelineConfig, *, process_index: int = 0,
     if len(source) < config.global_batch_size:
         raise ValueError(f"{config.shard_dir!r} holds {len(source)} records, fewer than one "
                          f"global batch of {config.global_batch_size}")
-    dataset = (grain.MapDataset.source(source)
+    indexed = _IndexedSource(source)
+    dataset = (grain.MapDataset.source(indexed)
                .shuffle(seed=config.seed)
                .repeat(num_epochs))
     dataset = _HostRowsOfGlobalBatches(dataset, config.global_batch_size, process_index,
                                        process_count)
     dataset = dataset.random_map(
         RecordToExample(_text_encoder(config), config.text_sections, config.hu_window,
-                        config.sentence_sampling_prob), seed=config.seed)
+                        config.sentence_sampling_prob, source=indexed,
+                        locator=RecordLocator.from_shard_dir(config.shard_dir),
+                        bad_records=config.bad_records), seed=config.seed)
     dataset = dataset.batch(config.global_batch_size // process_count, drop_remainder=True)
     return _prefetch(dataset, config)
 

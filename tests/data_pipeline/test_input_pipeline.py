@@ -103,3 +103,51 @@ def test_report_text_uses_the_configured_sections_and_strips_like_the_official_c
         "A small 5 mm nodule. Nodule."
     with pytest.raises(ValueError, match="unknown report sections"):
         input_pipeline.report_text(record, ("history",))
+
+
+@pytest.fixture(scope="module")
+def shards_with_a_bad_record(tiny_synthetic_data, tmp_path_factory):
+    """A copy of the train shards whose record 1 of the first shard is garbage (the
+    manifest unchanged, as if the file had been damaged after preparation)."""
+    import shutil
+
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from data_pipeline.prepare import WRITER_OPTIONS
+
+    directory = tmp_path_factory.mktemp("bad_shards")
+    shutil.copytree(tiny_synthetic_data.shard_dir("train"), directory, dirs_exist_ok=True)
+    manifest = Manifest.load(directory)
+    first = manifest.shard_paths()[0]
+    source = input_pipeline.grain.sources.ArrayRecordDataSource([first])
+    records = [source[i] for i in range(len(source))]
+    records[1] = b"not a CT-RATE record"
+    writer = ArrayRecordWriter(first, WRITER_OPTIONS)
+    for record in records:
+        writer.write(record)
+    writer.close()
+    return str(directory), manifest.shards[0].file, manifest.shards[0].volume_names[1]
+
+
+def test_bad_record_stops_with_its_shard_index_and_volume(config, shards_with_a_bad_record):
+    directory, shard_file, volume_name = shards_with_a_bad_record
+    count = sum(s.num_records for s in Manifest.load(directory).shards)
+    single = dataclasses.replace(config, shard_dir=directory, global_batch_size=1)
+    with pytest.raises(input_pipeline.BadRecordError,
+                       match=rf"record 1 of shard .*{shard_file} \({volume_name}\)"):
+        for _, _ in zip(input_pipeline.make_train_dataset(single), range(count)):
+            pass
+
+
+def test_bad_record_skipped_is_replaced_and_marked(config, shards_with_a_bad_record):
+    directory, _, volume_name = shards_with_a_bad_record
+    count = sum(s.num_records for s in Manifest.load(directory).shards)
+    single = dataclasses.replace(config, shard_dir=directory, global_batch_size=1,
+                                 bad_records="skip")
+    batches = [b for b, _ in zip(input_pipeline.make_train_dataset(single), range(count))]
+    names = [str(b["volume_name"][0]) for b in batches]
+    substituted = [bool(b["substituted"][0]) for b in batches]
+    assert len(batches) == count and sum(substituted) == 1
+    assert volume_name not in names  # its place was taken by the next readable record
+    with pytest.raises(ValueError, match="bad_records"):
+        input_pipeline.RecordToExample(None, ("findings",), (-1000, 1000), bad_records="drop")
