@@ -84,12 +84,13 @@ def official_incompatibilities(config: CTCLIPConfig) -> list[str]:
     """Settings under which our model computes something the official code cannot."""
     official = {"ctvit.use_vq": True, "ctvit.temporal_peg_layout": "official",
                 "ctvit.patch_input_norm": True, "ctvit.ff_mult": 4.0, "text_pooling": "cls",
-                "max_logit_scale": None}
+                "max_logit_scale": None, "init_logit_bias": None}
     values = {"ctvit.use_vq": config.ctvit.use_vq,
               "ctvit.temporal_peg_layout": config.ctvit.temporal_peg_layout,
               "ctvit.patch_input_norm": config.ctvit.patch_input_norm,
               "ctvit.ff_mult": config.ctvit.ff_mult, "text_pooling": config.text_pooling,
-              "max_logit_scale": config.max_logit_scale}
+              "max_logit_scale": config.max_logit_scale,
+              "init_logit_bias": config.init_logit_bias}  # SigLIP's bias: no official slot
     return [f"{k} = {values[k]!r} (official: {v!r})" for k, v in official.items()
             if values[k] != v]
 

@@ -149,8 +149,12 @@ def train(workdir: str = gin.REQUIRED,
           sentence_sampling_prob: float = 0.0,
           mesh_shape: tuple[int, int, int] = (-1, 1, 1),
           compute_dtype: str = "float32",
+          loss: str = "softmax",
+          chunked_loss: bool = False,
+          grad_accum_steps: int = 1,
           seed: int = 0,
           num_data_workers: int = 0,
+          bad_records: str = "stop",
           log_every: int = 10,
           checkpoint_every: int = 500,
           keep_checkpoints: int = 3,
@@ -177,6 +181,15 @@ def train(workdir: str = gin.REQUIRED,
       text_sections: report sections used as text ("findings", "impressions").
       sentence_sampling_prob: probability of training on a random subset of a report's
         sentences instead of the whole report (text augmentation; 0 = off).
+      loss: "softmax" (InfoNCE, official) or "sigmoid" (SigLIP; needs
+        `CTCLIPConfig.init_logit_bias`).
+      chunked_loss: compute the loss with the `shard_map` ring (never the whole [B, B]
+        logit matrix on one device).
+      grad_accum_steps: micro-batches per step; the gradient is still the global batch's
+        (gradient caching), with one micro-batch's activations in memory at a time.
+      bad_records: a training record that cannot be read: "stop" (default) fails naming
+        its shard, index and volume; "skip" trains on the next readable record instead
+        and counts it (`substituted_records` in the metrics).
     """
     workdir = workdir_override or workdir
     num_steps = steps_override if steps_override is not None else num_steps
@@ -187,19 +200,24 @@ def train(workdir: str = gin.REQUIRED,
                          "checkpoint_every > 0")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
+    train_state.check_loss_settings(model, loss, grad_accum_steps)
+    if bad_records not in input_pipeline.BAD_RECORD_POLICIES:
+        raise ValueError(f"train.bad_records must be one of "
+                         f"{input_pipeline.BAD_RECORD_POLICIES}, got {bad_records!r}")
 
     # --- Data and model checks, before anything is compiled or written. ---
     paths = resolve_data(train_data, eval_data, tokenizer, synthetic_data, log)
     check_data_fits_model(paths, model, max_text_length)
     mesh = sharding.make_mesh(*mesh_shape)
-    if global_batch_size % sharding.data_parallel_size(mesh):
+    if global_batch_size % (grad_accum_steps * sharding.data_parallel_size(mesh)):
         raise ValueError(f"train.global_batch_size = {global_batch_size} is not divisible by "
-                         f"the data-parallel size {sharding.data_parallel_size(mesh)}")
+                         f"train.grad_accum_steps ({grad_accum_steps}) x the data-parallel "
+                         f"size ({sharding.data_parallel_size(mesh)})")
     pipeline = input_pipeline.PipelineConfig(
         shard_dir=paths.train, tokenizer_path=paths.tokenizer,
         global_batch_size=global_batch_size, max_text_length=max_text_length,
         text_sections=tuple(text_sections), sentence_sampling_prob=sentence_sampling_prob,
-        seed=seed, num_workers=num_data_workers)
+        seed=seed, num_workers=num_data_workers, bad_records=bad_records)
 
     # --- Train state, fresh or restored. ---
     dtype = COMPUTE_DTYPES[compute_dtype]
@@ -234,7 +252,8 @@ def train(workdir: str = gin.REQUIRED,
         f"{train_state.parameter_count(state):,} parameters, steps {start_step} -> {num_steps}")
 
     # --- The loop: log step N-1's metrics while step N runs (no host sync per step). ---
-    step_fn = train_state.make_train_step(state, schedule)
+    step_fn = train_state.make_train_step(state, schedule, loss=loss, chunked=chunked_loss,
+                                          grad_accum_steps=grad_accum_steps)
     writer = MetricsWriter(workdir, total_steps=num_steps, start_step=start_step,
                            enabled=is_main)
     meta = {"model": repr(model), "global_batch_size": global_batch_size}
@@ -248,6 +267,7 @@ def train(workdir: str = gin.REQUIRED,
                 t0 = time.perf_counter()
                 host_batch = next(data_iter)
                 throughput.data_wait += time.perf_counter() - t0
+                throughput.substituted += int(np.sum(host_batch["substituted"]))
                 device_batch = sharding.host_batch_to_global(
                     {k: host_batch[k] for k in ("volume", "input_ids", "attention_mask")},
                     mesh)
@@ -313,18 +333,21 @@ def init_from_model_directory(state: train_state.TrainState, directory: str, log
 
 
 class _Throughput:
-    """Volumes/s and the share of time spent waiting for data, between two logged steps."""
+    """Volumes/s, the share of time spent waiting for data (between two logged steps) and
+    the running count of rows that replaced an unreadable record (`train.bad_records`)."""
 
     def __init__(self, step: int, global_batch_size: int):
         self.step, self.time = step, time.perf_counter()
         self.global_batch_size = global_batch_size
         self.data_wait = 0.0
+        self.substituted = 0  # rows of this host that replaced an unreadable record
 
     def measure(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
         elapsed = max(now - self.time, 1e-9)
         values = {"volumes_per_s": (step - self.step) * self.global_batch_size / elapsed,
-                  "data_wait_fraction": min(self.data_wait / elapsed, 1.0)}
+                  "data_wait_fraction": min(self.data_wait / elapsed, 1.0),
+                  "substituted_records": float(self.substituted)}
         self.step, self.time, self.data_wait = step, now, 0.0
         return values
 

@@ -38,6 +38,11 @@ class CTCLIPConfig:
         exp(temperature), as in the official code (initialised to 1.0 there).
       max_logit_scale: optional clamp of exp(temperature) (CLIP uses 100); None keeps the
         official unclamped behaviour.
+      init_logit_bias: when set, the model holds a learned scalar `logit_bias` (an
+        `nnx.Param`, replicated) initialised to this value, as the SigLIP sigmoid loss
+        needs (SigLIP: -10, with init_temperature = log 10).  None (the default, and
+        what official-checkpoint conversion produces) means no such parameter, as in
+        the official model.
       text_pooler: keep BERT's pooler weights (unused by CT-CLIP, present in HF checkpoints).
       text_pooling: "cls" (official) takes BERT's [CLS] hidden state; "mean" averages the
         hidden states of the real (unmasked) tokens.  A BERT trained from scratch starts
@@ -50,6 +55,7 @@ class CTCLIPConfig:
     dim_latent: int = 512
     init_temperature: float = 1.0
     max_logit_scale: float | None = None
+    init_logit_bias: float | None = None
     text_pooler: bool = False
     text_pooling: str = "cls"
 
@@ -119,6 +125,8 @@ class CTCLIP(nnx.Module):
             config.text.hidden_size, config.dim_latent, ("embed", "latent"), use_bias=False,
             rngs=rngs, dtype=dtype)
         self.temperature = nnx.Param(jnp.asarray(config.init_temperature, jnp.float32))
+        if config.init_logit_bias is not None:  # SigLIP's learned bias; absent officially
+            self.logit_bias = nnx.Param(jnp.asarray(config.init_logit_bias, jnp.float32))
 
     def logit_scale(self) -> jax.Array:
         scale = jnp.exp(self.temperature[...])

@@ -90,33 +90,198 @@ def init_text_tower_from_hf(train_state: TrainState, directory: str) -> None:
     train_state.state = jax.device_put(nnx.state((model, optimizer)), train_state.shardings)
 
 
+LOSSES = ("softmax", "sigmoid")
+
+
+def contrastive_loss(model: CTCLIP, image_latents_bd: jax.Array, text_latents_bd: jax.Array,
+                     *, loss: str = "softmax", mesh: Mesh | None = None):
+    """The selected contrastive loss of one global batch of latents; (loss, metrics).
+
+    loss: "softmax" (InfoNCE, official) or "sigmoid" (SigLIP; the model needs a
+      `logit_bias`, i.e. `CTCLIPConfig.init_logit_bias` set).
+    mesh: None for the unchunked losses; a mesh for the chunked (`shard_map`) ones.
+    """
+    scale = model.logit_scale()
+    if loss == "softmax":
+        if mesh is None:
+            value, metrics = losses.clip_softmax_loss(image_latents_bd, text_latents_bd, scale)
+        else:
+            value, metrics = losses.chunked_softmax_loss(image_latents_bd, text_latents_bd,
+                                                         scale, mesh)
+        return value, dict(metrics, logit_scale=scale)
+    if loss == "sigmoid":
+        bias = model.logit_bias[...]
+        if mesh is None:
+            value, metrics = losses.sigmoid_loss(image_latents_bd, text_latents_bd, scale, bias)
+        else:
+            value, metrics = losses.chunked_sigmoid_loss(image_latents_bd, text_latents_bd,
+                                                         scale, bias, mesh)
+        return value, dict(metrics, logit_scale=scale, logit_bias=bias)
+    raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+
+
+def make_loss_fn(loss: str = "softmax", mesh: Mesh | None = None):
+    """`loss_fn(model, batch) -> (loss, metrics)` of one global batch (see
+    `contrastive_loss` for `loss` and `mesh`)."""
+
+    def loss_fn(model: CTCLIP, batch: dict[str, jax.Array]):
+        image, text = model(batch["volume"], batch["input_ids"], batch["attention_mask"],
+                            train=True)
+        return contrastive_loss(model, image, text, loss=loss, mesh=mesh)
+
+    return loss_fn
+
+
 def clip_loss_fn(model: CTCLIP, batch: dict[str, jax.Array]):
     """Symmetric InfoNCE of one global batch; returns (loss, metrics)."""
-    image, text = model(batch["volume"], batch["input_ids"], batch["attention_mask"],
-                        train=True)
-    scale = model.logit_scale()
-    loss, metrics = losses.clip_softmax_loss(image, text, scale)
-    return loss, dict(metrics, logit_scale=scale)
+    return make_loss_fn()(model, batch)
 
 
-def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = None):
-    """Returns a jitted `step(state, batch) -> (state, metrics)` that donates `state`."""
+def check_loss_settings(config, loss: str, grad_accum_steps: int = 1) -> None:
+    """Raises ValueError for a loss the model cannot train with."""
+    if loss not in LOSSES:
+        raise ValueError(f"train.loss must be one of {LOSSES}, got {loss!r}")
+    if loss == "sigmoid" and config.init_logit_bias is None:
+        raise ValueError("train.loss = 'sigmoid' needs a learned bias: set "
+                         "CTCLIPConfig.init_logit_bias (SigLIP: -10, with "
+                         "init_temperature = 2.302585, i.e. log 10)")
+    if grad_accum_steps < 1:
+        raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
+
+
+def _split_micro_batches(batch, steps: int, mesh: Mesh):
+    """[B, ...] -> [steps, B / steps, ...]; micro-batch k holds rows k, k + steps, ...
+
+    Strided rows keep every micro-batch spread over all batch shards (each device's
+    contiguous block of the global batch contributes B / (steps * n) rows to each).
+    """
+    spec = sharding.batch_sharding(mesh).spec[0]
+
+    def split(x):
+        rows = x.shape[0] // steps
+        x = jnp.swapaxes(x.reshape(rows, steps, *x.shape[1:]), 0, 1)
+        return jax.lax.with_sharding_constraint(
+            x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(None, spec)))
+
+    return jax.tree.map(split, batch)
+
+
+def _merge_micro_batches(x_abd: jax.Array) -> jax.Array:
+    """Inverse of `_split_micro_batches` for [steps, B / steps, D] latents -> [B, D]."""
+    return jnp.swapaxes(x_abd, 0, 1).reshape(-1, x_abd.shape[-1])
+
+
+def accumulated_loss_and_grads(model: CTCLIP, batch: dict[str, jax.Array], steps: int,
+                               mesh: Mesh, *, loss: str = "softmax", chunked: bool = False):
+    """((loss, metrics), grads) of one global batch, computed over `steps` micro-batches.
+
+    Contrastive gradient caching (GradCache, Gao et al. 2021), so that the result is the
+    big-batch gradient (negatives from the whole global batch), not an average of
+    per-micro-batch losses:
+      (a) embed every micro-batch without gradients (a `lax.scan`): all latents [B, L];
+      (b) the loss on the whole global batch and its gradient w.r.t. the latents (and
+          the temperature / bias);
+      (c) per micro-batch (a second `lax.scan`), rerun both towers under `jax.vjp` and
+          pull the latent gradients back to the parameters, summing.
+    Only one micro-batch's activations are alive at a time (pass (a) keeps none; pass
+    (c) frees each micro-batch's residuals before the next), at the cost of a second
+    forward pass.  In float32 the result equals `steps = 1` to rounding.
+
+    Dropout: pass (c) reruns each micro-batch with the RNG state pass (a) used for it,
+    so both passes draw the same masks; the masks differ from a `steps = 1` step's (the
+    streams are consumed per micro-batch), so the equality with the big batch is exact
+    with dropout off.  Non-parameter state (the VQ codebook EMA): every micro-batch sees
+    the step's starting codebook (as the big batch does), and the new codebook is the
+    mean of the micro-batches' EMA updates (close to, not identical with, one update
+    from the whole batch).  The model's RNG and buffer state is updated in place.
+
+    Needs B divisible by steps x the data-parallel size.  `metrics` are those of the
+    loss on the global batch.
+    """
+    rows, shards = batch["volume"].shape[0], sharding.data_parallel_size(mesh)
+    if rows % (steps * shards):
+        raise ValueError(f"train.grad_accum_steps = {steps}: the global batch of {rows} does "
+                         f"not split into micro-batches divisible by the {shards} batch shards")
+    graphdef, params, rngs, buffers = nnx.split(model, nnx.Param, nnx.RngState, ...)
+    micro = _split_micro_batches(batch, steps, mesh)
+    loss_mesh = mesh if chunked else None
+
+    # Variables mutated under a transform (RNG counts, the VQ codebook) must be created
+    # at its trace level: the state comes in as scan carry and is copied here.
+    def embed(params_, rngs_, buffers_, mb):
+        fresh = lambda tree: jax.tree.map(lambda x: x, tree)  # noqa: E731
+        m = nnx.merge(graphdef, params_, fresh(rngs_), fresh(buffers_))
+        latents = m(mb["volume"], mb["input_ids"], mb["attention_mask"], train=True)
+        _, _, rngs_out, buffers_out = nnx.split(m, nnx.Param, nnx.RngState, ...)
+        return latents, (rngs_out, buffers_out)
+
+    # (a) all latents, no gradients; remember each micro-batch's RNG state for (c).
+    def forward(carry, mb):
+        rngs_, buffers_ = carry
+        latents, (rngs_out, buffers_out) = embed(params, rngs_, buffers_, mb)
+        return (rngs_out, buffers_), (jax.lax.stop_gradient(latents), rngs_, buffers_out)
+
+    (rngs_end, _), ((image_abd, text_abd), rngs_per_micro, buffers_per_micro) = jax.lax.scan(
+        forward, (rngs, buffers), micro)
+    image_bd, text_bd = _merge_micro_batches(image_abd), _merge_micro_batches(text_abd)
+
+    # (b) the global-batch loss; gradients w.r.t. the latents and the loss's own params.
+    def loss_of_latents(params_, image, text):
+        m = nnx.merge(graphdef, params_, rngs, buffers)
+        return contrastive_loss(m, image, text, loss=loss, mesh=loss_mesh)
+
+    (value, metrics), (grads, d_image_bd, d_text_bd) = jax.value_and_grad(
+        loss_of_latents, argnums=(0, 1, 2), has_aux=True)(params, image_bd, text_bd)
+    d_image_abd = _split_micro_batches(d_image_bd, steps, mesh)
+    d_text_abd = _split_micro_batches(d_text_bd, steps, mesh)
+
+    # (c) backpropagate the latent gradients one micro-batch at a time.
+    def backward(carry, xs):
+        grads_, buffers_ = carry
+        mb, rngs_, d_image, d_text = xs
+        _, pullback = jax.vjp(lambda p: embed(p, rngs_, buffers_, mb)[0], params)
+        (d_params,) = pullback((d_image, d_text))
+        return (jax.tree.map(jnp.add, grads_, d_params), buffers_), None
+
+    (grads, _), _ = jax.lax.scan(backward, (grads, buffers),
+                                 (micro, rngs_per_micro, d_image_abd, d_text_abd))
+    nnx.update(model, rngs_end, jax.tree.map(lambda x: x.mean(0).astype(x.dtype), buffers_per_micro))
+    return (value, metrics), grads
+
+
+def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = None, *,
+                    loss: str = "softmax", chunked: bool = False, grad_accum_steps: int = 1):
+    """Returns a jitted `step(state, batch) -> (state, metrics)` that donates `state`.
+
+    loss: "softmax" (InfoNCE) or "sigmoid" (SigLIP; needs `CTCLIPConfig.init_logit_bias`).
+    chunked: compute the loss with the `shard_map` ring of `losses.chunked_*_loss`.
+    grad_accum_steps: split the global batch into this many micro-batches inside the
+      step (`accumulated_loss_and_grads`: the big-batch gradient, one micro-batch's
+      activations in memory at a time).  The defaults are the plain one-pass step.
+    """
     graphdef = train_state.graphdef
-    batch_sharding = sharding.batch_sharding(train_state.mesh)
+    mesh = train_state.mesh
+    check_loss_settings(train_state.model.config, loss, grad_accum_steps)
+    batch_sharding = sharding.batch_sharding(mesh)
+    loss_fn = make_loss_fn(loss, mesh if chunked else None)
 
     def step(state, batch):
         model, optimizer = nnx.merge(graphdef, state)
-        grad_fn = nnx.value_and_grad(clip_loss_fn, has_aux=True)
-        (loss, metrics), grads = grad_fn(model, batch)
+        if grad_accum_steps == 1:
+            grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+            (loss_value, metrics), grads = grad_fn(model, batch)
+        else:
+            (loss_value, metrics), grads = accumulated_loss_and_grads(
+                model, batch, grad_accum_steps, mesh, loss=loss, chunked=chunked)
         count = optimizer.step[...]
         optimizer.update(model, grads)
-        metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads))
+        metrics = dict(metrics, loss=loss_value, grad_norm=optax.global_norm(grads))
         if schedule is not None:
             metrics["learning_rate"] = schedule(count)
         return nnx.state((model, optimizer)), metrics
 
     return jax.jit(step, in_shardings=(train_state.shardings, batch_sharding),
-                   out_shardings=(train_state.shardings, sharding.replicated(train_state.mesh)),
+                   out_shardings=(train_state.shardings, sharding.replicated(mesh)),
                    donate_argnums=0)
 
 

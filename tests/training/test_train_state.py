@@ -1,5 +1,7 @@
 """Train step on 1 and 8 devices, sharding by logical names, learning, checkpoints."""
 
+import dataclasses
+
 import jax
 import numpy as np
 import pytest
@@ -147,3 +149,107 @@ def test_restoring_into_another_model_names_the_mismatch(tmp_path):
     shardings = sharding.state_shardings(abstract, mesh)
     with pytest.raises(checkpoints.CheckpointMismatchError, match="to_text_latent"):
         checkpointer.restore(0, abstract, shardings)
+
+
+# --- Loss selection, SigLIP's bias, gradient accumulation ------------------------------
+
+SIGLIP = dataclasses.replace(CONFIG, init_logit_bias=-10.0, init_temperature=float(np.log(10)))
+# Exact big-batch equality needs the same dropout masks, i.e. dropout off.
+NO_DROPOUT = dataclasses.replace(CONFIG, text=dataclasses.replace(
+    CONFIG.text, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+ACCUM_BATCH = 32  # micro-batches of 8 and 16 rows, divisible over 8 devices
+# A per-head bias added to every attention logit cancels in the softmax: its gradient
+# is mathematically zero, and what is computed is cancellation noise.
+ZERO_GRADIENT = "['visual_transformer']['spatial_rel_pos_bias']['to_heads']['bias']"
+
+
+def test_logit_bias_is_a_parameter_only_when_configured():
+    assert not hasattr(ct_clip.CTCLIP(CONFIG, rngs=nnx.Rngs(0)), "logit_bias")
+    model = ct_clip.CTCLIP(SIGLIP, rngs=nnx.Rngs(0))
+    assert isinstance(model.logit_bias, nnx.Param) and float(model.logit_bias[...]) == -10.0
+    assert ct_clip.CTCLIPConfig.from_dict(SIGLIP.to_dict()) == SIGLIP
+    assert ct_clip.CTCLIPConfig.from_dict(
+        {k: v for k, v in CONFIG.to_dict().items() if k != "init_logit_bias"}) == CONFIG
+    _, abstract = train_state.TrainState.abstract(
+        lambda rngs: ct_clip.CTCLIP(SIGLIP, rngs=rngs), optimizer.adamw_warmup_cosine(10)[0])
+    shardings = sharding.state_shardings(abstract, sharding.make_mesh(2, 2, 2))
+    assert tuple(shardings[0]["logit_bias"].get_value().spec) == ()  # replicated
+
+
+def test_sigmoid_loss_needs_the_bias_and_unknown_settings_fail():
+    with pytest.raises(ValueError, match="init_logit_bias"):
+        train_state.check_loss_settings(CONFIG, "sigmoid")
+    train_state.check_loss_settings(SIGLIP, "sigmoid", grad_accum_steps=4)
+    with pytest.raises(ValueError, match="train.loss"):
+        train_state.check_loss_settings(CONFIG, "hinge")
+    with pytest.raises(ValueError, match="train.grad_accum_steps"):
+        train_state.check_loss_settings(CONFIG, "softmax", grad_accum_steps=0)
+
+
+def test_sigmoid_loss_with_accumulation_and_dropout_decreases():
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    tx, schedule = optimizer.adamw_warmup_cosine(100, 3e-3, warmup_steps=0)
+    state = train_state.TrainState.create(lambda rngs: ct_clip.CTCLIP(SIGLIP, rngs=rngs), tx,
+                                          mesh)
+    step = train_state.make_train_step(state, schedule, loss="sigmoid", grad_accum_steps=2)
+    batches = [sharding.host_batch_to_global(make_batch(s), mesh) for s in range(2)]
+    losses, biases = [], []
+    for i in range(12):
+        state.state, metrics = step(state.state, batches[i % 2])
+        losses.append(float(metrics["loss"]))
+        biases.append(float(metrics["logit_bias"]))
+    assert np.all(np.isfinite(losses)) and biases[-1] != biases[0]
+    assert np.mean(losses[-4:]) < 0.7 * np.mean(losses[:2])
+
+
+def accumulated_loss_and_grads(mesh, steps, chunked=False):
+    """Loss and gradients of one [ACCUM_BATCH] batch over `steps` micro-batches."""
+    tx = optimizer.adamw_warmup_cosine(10)[0]
+    state = train_state.TrainState.create(lambda rngs: ct_clip.CTCLIP(NO_DROPOUT, rngs=rngs),
+                                          tx, mesh)
+    graphdef = state.graphdef
+
+    @jax.jit
+    def compute(state_, batch):
+        model, _ = nnx.merge(graphdef, state_)
+        if steps == 1:
+            (loss, _), grads = nnx.value_and_grad(train_state.clip_loss_fn, has_aux=True)(
+                model, batch)
+        else:
+            (loss, _), grads = train_state.accumulated_loss_and_grads(
+                model, batch, steps, mesh, chunked=chunked)
+        return loss, nnx.to_pure_dict(grads)
+
+    rng = np.random.default_rng(5)
+    batch = {"volume": rng.uniform(-1, 1, (ACCUM_BATCH, 8, 16, 16)).astype(np.float32),
+             "input_ids": rng.integers(5, 128, (ACCUM_BATCH, 12)).astype(np.int32),
+             "attention_mask": (np.arange(12) < rng.integers(4, 13, (ACCUM_BATCH, 1))
+                                ).astype(np.int32)}
+    loss, grads = compute(state.state, sharding.host_batch_to_global(batch, mesh))
+    return float(loss), {jax.tree_util.keystr(p): np.asarray(g)
+                         for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
+
+
+@pytest.fixture(scope="module")
+def big_batch_reference():
+    return accumulated_loss_and_grads(sharding.make_mesh(devices=jax.devices()[:1]), 1)
+
+
+@pytest.mark.parametrize("mesh_shape,steps", [
+    (None, 4), ((2, 4, 1), 2),
+])
+def test_gradient_accumulation_equals_the_big_batch(big_batch_reference, mesh_shape, steps):
+    mesh = (sharding.make_mesh(*mesh_shape) if mesh_shape
+            else sharding.make_mesh(devices=jax.devices()[:1]))
+    reference_loss, reference_grads = big_batch_reference
+    # On the mesh, also with the chunked (shard_map) loss on the global latents.
+    loss, grads = accumulated_loss_and_grads(mesh, steps, chunked=mesh_shape is not None)
+    assert loss == pytest.approx(reference_loss, rel=1e-6)
+    largest = max(np.abs(g).max() for g in reference_grads.values())
+    for key, grad in grads.items():
+        if key == ZERO_GRADIENT:  # float noise ~1e-3 of the largest: any order differs
+            assert np.abs(grad).max() < 1e-2 * largest
+            continue
+        scale = max(np.abs(reference_grads[key]).max(), 1e-3 * largest)
+        np.testing.assert_allclose(grad / scale, reference_grads[key] / scale, atol=1e-5,
+                                   err_msg=key)
