@@ -28,13 +28,11 @@ import os
 import sys
 from typing import Any
 
-from absl import logging
-
 from ct_rate_jax import checkpoint_io, convert
 from ct_rate_jax.models.ct_clip import CTCLIP
 from ct_rate_jax.models.weight_io import StateDictMismatchError
+from experiments import cli
 
-MAX_ERROR_LINES = 40
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -179,29 +177,11 @@ def convert_to_torch(args: argparse.Namespace) -> None:
 # Entry point
 # ----------------------------------------------------------------------------------
 
-def _one_error(error: BaseException) -> str:
-    lines = str(error).splitlines() or [type(error).__name__]
-    if len(lines) > MAX_ERROR_LINES:
-        lines = lines[:MAX_ERROR_LINES] + [f"  ... ({len(lines) - MAX_ERROR_LINES} more lines)"]
-    return "error: " + "\n".join(lines)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns the exit status (1 with one message for user errors)."""
     args = parse_args(argv)
-    # orbax warns that a training checkpoint's item has no metadata file of its own.
-    logging.set_verbosity(logging.ERROR)
-    try:
-        if args.to_torch:
-            convert_to_torch(args)
-        else:
-            convert_to_directory(args)
-    except (ValueError, FileNotFoundError, ImportError) as error:
-        # Input and configuration mistakes (StateDictMismatchError, ModelDirectoryError
-        # and gin's ConfigError are ValueErrors): the message, not a traceback.
-        print(_one_error(error), file=sys.stderr)
-        return 1
-    return 0
+    work = convert_to_torch if args.to_torch else convert_to_directory
+    return cli.run_command(lambda: work(args))
 
 
 if __name__ == "__main__":

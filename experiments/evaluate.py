@@ -25,6 +25,8 @@ from importlib import metadata
 
 import numpy as np
 
+from experiments import cli
+
 ENCODE_BATCH = 64  # prompts per text-encoder call
 
 
@@ -268,20 +270,9 @@ def evaluate(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     """Runs the command; returns the exit status (1 with one line for user errors)."""
-    from absl import logging
-
     args = parse_args(argv)
     args._argv = list(sys.argv[1:] if argv is None else argv)
-    # orbax warns that a training checkpoint's item has no metadata file of its own.
-    logging.set_verbosity(logging.ERROR)
-    try:
-        evaluate(args)
-    except (ValueError, FileNotFoundError) as error:
-        # Input and configuration mistakes (ModelDirectoryError and gin's ConfigError
-        # are ValueErrors): the message, not a traceback.
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run_command(lambda: evaluate(args))
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import hashlib
 import os
 import sys
 
-from experiments import evaluate
+from experiments import cli, evaluate
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -83,16 +83,9 @@ def export(args: argparse.Namespace) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from absl import logging
-
+    """Runs the command; returns the exit status (1 with one line for user errors)."""
     args = parse_args(argv)
-    logging.set_verbosity(logging.ERROR)
-    try:
-        export(args)
-    except (ValueError, FileNotFoundError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    return cli.run_command(lambda: export(args))
 
 
 if __name__ == "__main__":

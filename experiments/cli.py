@@ -1,0 +1,37 @@
+"""What every argparse command of `experiments/` does around its work.
+
+A user's mistake (a missing file, a bad option, a checkpoint of another model) should
+read as one message, not a traceback: configuration and input errors are raised as
+ValueError (gin's ConfigError, StateDictMismatchError and ModelDirectoryError are
+ValueErrors), FileNotFoundError or, for an optional dependency, ImportError.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
+MAX_ERROR_LINES = 40  # a key-mismatch list can be long; the rest is summarised
+
+
+def error_message(error: BaseException) -> str:
+    """`error: <message>`, cut to MAX_ERROR_LINES lines."""
+    lines = str(error).splitlines() or [type(error).__name__]
+    if len(lines) > MAX_ERROR_LINES:
+        lines = lines[:MAX_ERROR_LINES] + [f"  ... ({len(lines) - MAX_ERROR_LINES} more lines)"]
+    return "error: " + "\n".join(lines)
+
+
+def run_command(work: Callable[[], object]) -> int:
+    """Runs `work()`; returns the exit status: 0, or 1 after printing a user error."""
+    from absl import logging
+
+    # orbax warns that a training checkpoint's item has no metadata file of its own.
+    logging.set_verbosity(logging.ERROR)
+    try:
+        work()
+    except USER_ERRORS as error:
+        print(error_message(error), file=sys.stderr)
+        return 1
+    return 0
