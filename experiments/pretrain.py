@@ -155,6 +155,7 @@ def train(workdir: str = gin.REQUIRED,
           seed: int = 0,
           num_data_workers: int = 0,
           bad_records: str = "stop",
+          nonfinite: str = "skip",
           log_every: int = 10,
           checkpoint_every: int = 500,
           keep_checkpoints: int = 3,
@@ -190,6 +191,9 @@ def train(workdir: str = gin.REQUIRED,
       bad_records: a training record that cannot be read: "stop" (default) fails naming
         its shard, index and volume; "skip" trains on the next readable record instead
         and counts it (`substituted_records` in the metrics).
+      nonfinite: a step whose loss or gradient norm is not finite never changes the
+        state; "skip" (default) logs it (step, VolumeNames, loss, gradient norm) and goes
+        on, counting `nonfinite_steps`; "stop" ends the run with that message.
     """
     workdir = workdir_override or workdir
     num_steps = steps_override if steps_override is not None else num_steps
@@ -201,6 +205,9 @@ def train(workdir: str = gin.REQUIRED,
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
     train_state.check_loss_settings(model, loss, grad_accum_steps)
+    if nonfinite not in NONFINITE_POLICIES:
+        raise ValueError(f"train.nonfinite must be one of {NONFINITE_POLICIES}, got "
+                         f"{nonfinite!r}")
     if bad_records not in input_pipeline.BAD_RECORD_POLICIES:
         raise ValueError(f"train.bad_records must be one of "
                          f"{input_pipeline.BAD_RECORD_POLICIES}, got {bad_records!r}")
@@ -261,6 +268,7 @@ def train(workdir: str = gin.REQUIRED,
     pending = None
     throughput = _Throughput(start_step, global_batch_size)
     stopped_at = None
+    watch = None  # (step, metrics, volume names) of the step whose finiteness is checked next
     try:
         with preemption.StopRequest() as stop:
             for step in range(start_step, num_steps):
@@ -272,6 +280,10 @@ def train(workdir: str = gin.REQUIRED,
                     {k: host_batch[k] for k in ("volume", "input_ids", "attention_mask")},
                     mesh)
                 state.state, metrics = step_fn(state.state, device_batch)
+                # The previous step has finished by now (this one is queued behind it).
+                if watch is not None:
+                    _check_finite(watch, nonfinite, throughput, log)
+                watch = (step + 1, metrics, host_batch["volume_name"])
                 if pending is not None:
                     last_metrics = _log(writer, pending, throughput)
                     pending = None
@@ -289,6 +301,8 @@ def train(workdir: str = gin.REQUIRED,
                     pending = pending or (done, metrics)
                     stopped_at = (done, stop.signal_name or "a stop request on another host")
                     break
+            if watch is not None:
+                _check_finite(watch, nonfinite, throughput, log)
             if pending is not None:
                 last_metrics = _log(writer, pending, throughput)
             checkpointer.wait_until_finished()  # durable before we exit 0
@@ -332,6 +346,29 @@ def init_from_model_directory(state: train_state.TrainState, directory: str, log
            if differences else ""))
 
 
+NONFINITE_POLICIES = ("skip", "stop")
+
+
+class NonFiniteError(RuntimeError):
+    """A step's loss or gradient norm was not finite and `train.nonfinite` is "stop"."""
+
+
+def _check_finite(watch, policy: str, throughput, log) -> None:
+    """Reports a step that the train step refused to apply (non-finite loss/gradients)."""
+    step, metrics, volume_names = watch
+    if not int(jax.device_get(metrics["nonfinite"])):
+        return
+    throughput.nonfinite += 1
+    values = jax.device_get({k: metrics[k] for k in ("loss", "grad_norm")})
+    names = ", ".join(str(n) for n in np.asarray(volume_names).ravel())
+    message = (f"step {step}: loss {float(values['loss'])}, gradient norm "
+               f"{float(values['grad_norm'])}; the update was not applied "
+               f"(this host's volumes: {names})")
+    if policy == "stop":
+        raise NonFiniteError(message + "; train.nonfinite='skip' would go on")
+    log(f"\nwarning: {message}")
+
+
 class _Throughput:
     """Volumes/s, the share of time spent waiting for data (between two logged steps) and
     the running count of rows that replaced an unreadable record (`train.bad_records`)."""
@@ -341,13 +378,15 @@ class _Throughput:
         self.global_batch_size = global_batch_size
         self.data_wait = 0.0
         self.substituted = 0  # rows of this host that replaced an unreadable record
+        self.nonfinite = 0  # steps whose update was refused (non-finite loss/gradients)
 
     def measure(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
         elapsed = max(now - self.time, 1e-9)
         values = {"volumes_per_s": (step - self.step) * self.global_batch_size / elapsed,
                   "data_wait_fraction": min(self.data_wait / elapsed, 1.0),
-                  "substituted_records": float(self.substituted)}
+                  "substituted_records": float(self.substituted),
+                  "nonfinite_steps": float(self.nonfinite)}
         self.step, self.time, self.data_wait = step, now, 0.0
         return values
 
@@ -371,7 +410,7 @@ def main(argv):
     try:
         gin_setup.parse_gin(FLAGS.gin, FLAGS.gin_param)
         train(workdir_override=FLAGS.workdir, steps_override=FLAGS.steps)
-    except (gin_setup.ConfigError, ValueError, FileNotFoundError) as error:
+    except (gin_setup.ConfigError, ValueError, FileNotFoundError, NonFiniteError) as error:
         # Configuration and input mistakes: one clear line, no traceback.
         sys.exit(f"error: {error}")
 

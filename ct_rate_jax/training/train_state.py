@@ -249,8 +249,16 @@ def accumulated_loss_and_grads(model: CTCLIP, batch: dict[str, jax.Array], steps
     return (value, metrics), grads
 
 
+def _all_finite(tree) -> jax.Array:
+    """True when every floating-point value in `tree` is finite."""
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.asarray(True)
+
+
 def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = None, *,
-                    loss: str = "softmax", chunked: bool = False, grad_accum_steps: int = 1):
+                    loss: str = "softmax", chunked: bool = False, grad_accum_steps: int = 1,
+                    skip_nonfinite: bool = True):
     """Returns a jitted `step(state, batch) -> (state, metrics)` that donates `state`.
 
     loss: "softmax" (InfoNCE) or "sigmoid" (SigLIP; needs `CTCLIPConfig.init_logit_bias`).
@@ -258,6 +266,10 @@ def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = N
     grad_accum_steps: split the global batch into this many micro-batches inside the
       step (`accumulated_loss_and_grads`: the big-batch gradient, one micro-batch's
       activations in memory at a time).  The defaults are the plain one-pass step.
+    skip_nonfinite: when the loss or the gradient norm is not finite, return the input
+      state unchanged (parameters, optimizer moments, step count, codebook), so that a
+      bad batch can never put NaN into the weights; `metrics["nonfinite"]` is 1 for such
+      a step.  The trainer decides whether to go on (experiments/pretrain.py).
     """
     graphdef = train_state.graphdef
     mesh = train_state.mesh
@@ -266,6 +278,9 @@ def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = N
     loss_fn = make_loss_fn(loss, mesh if chunked else None)
 
     def step(state, batch):
+        # The arrays of the incoming state, captured before the update mutates the
+        # Variables that `merge` hands out.
+        previous = jax.tree.leaves(state)
         model, optimizer = nnx.merge(graphdef, state)
         if grad_accum_steps == 1:
             grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
@@ -275,10 +290,21 @@ def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = N
                 model, batch, grad_accum_steps, mesh, loss=loss, chunked=chunked)
         count = optimizer.step[...]
         optimizer.update(model, grads)
-        metrics = dict(metrics, loss=loss_value, grad_norm=optax.global_norm(grads))
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
+        metrics = dict(metrics, loss=loss_value, grad_norm=grad_norm,
+                       nonfinite=(~finite).astype(jnp.int32))
         if schedule is not None:
             metrics["learning_rate"] = schedule(count)
-        return nnx.state((model, optimizer)), metrics
+        updated = nnx.state((model, optimizer))
+        # An update can overflow even from a finite gradient (e.g. a huge learning rate).
+        finite = finite & _all_finite(nnx.state(model, nnx.Param))
+        metrics["nonfinite"] = (~finite).astype(jnp.int32)
+        if skip_nonfinite:
+            leaves, treedef = jax.tree.flatten(updated)
+            kept = jax.lax.cond(finite, lambda: leaves, lambda: previous)
+            updated = jax.tree.unflatten(treedef, kept)
+        return updated, metrics
 
     return jax.jit(step, in_shardings=(train_state.shardings, batch_sharding),
                    out_shardings=(train_state.shardings, sharding.replicated(mesh)),

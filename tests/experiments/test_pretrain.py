@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import re
 import signal
 import subprocess
@@ -11,35 +10,7 @@ import time
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
-TINY_MODEL = [
-    "CTViTConfig.dim=32", "CTViTConfig.image_size=16", "CTViTConfig.patch_size=8",
-    "CTViTConfig.temporal_patch_size=4", "CTViTConfig.heads=2", "CTViTConfig.dim_head=8",
-    "BertConfig.vocab_size=320", "BertConfig.hidden_size=32", "BertConfig.num_hidden_layers=1",
-    "BertConfig.num_attention_heads=2", "BertConfig.intermediate_size=64",
-    "BertConfig.max_position_embeddings=32", "CTCLIPConfig.dim_latent=16",
-    "train.max_text_length=32", "train.global_batch_size=8", "train.log_every=2",
-    "train.checkpoint_every=3", "adamw_warmup_cosine.warmup_steps=2",
-]
-
-
-def data_bindings(data):
-    return [f"train.train_data='{data.shard_dir('train')}'",
-            f"train.eval_data='{data.shard_dir('valid')}'",
-            f"train.tokenizer='{data.tokenizer_path}'", "train.synthetic_data=None"]
-
-
-def run_pretrain(workdir, bindings, steps, gin_file="experiments/configs/demo.gin", devices=1):
-    args = [sys.executable, "-m", "experiments.pretrain", "--gin", gin_file,
-            "--workdir", str(workdir), "--steps", str(steps)]
-    for binding in bindings:
-        args += ["--gin_param", binding]
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-
-
-def metrics(workdir):
-    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+from pretrain_runs import REPO, TINY_MODEL, data_bindings, metrics, run_pretrain  # noqa: F401
 
 
 @pytest.mark.slow
@@ -129,3 +100,18 @@ def test_sigterm_checkpoints_the_current_step_and_exits_cleanly(tiny_synthetic_d
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert f"resumed from {tmp_path / 'checkpoints'}/{stop_step}" in resumed.stdout
     assert metrics(tmp_path)[-1]["step"] == stop_step + 2
+
+
+@pytest.mark.slow
+def test_nonfinite_updates_are_skipped_or_stop_the_run(tiny_synthetic_data, tmp_path):
+    # A learning rate of 1e400 (inf) makes every update overflow.
+    bindings = TINY_MODEL + data_bindings(tiny_synthetic_data) + [
+        "train.zero_shot_at_end=False", "train.log_every=1",
+        "adamw_warmup_cosine.learning_rate=1e400"]
+    skipped = run_pretrain(tmp_path / "skip", bindings, steps=2)
+    assert skipped.returncode == 0, skipped.stderr[-3000:]
+    assert "step 1: loss" in skipped.stdout and "the update was not applied" in skipped.stdout
+    assert metrics(tmp_path / "skip")[-1]["nonfinite_steps"] == 2
+    stopped = run_pretrain(tmp_path / "stop", bindings + ["train.nonfinite='stop'"], steps=2)
+    assert stopped.returncode != 0
+    assert "error: step 1: loss" in stopped.stderr and "train.nonfinite='skip'" in stopped.stderr

@@ -253,3 +253,22 @@ def test_gradient_accumulation_equals_the_big_batch(big_batch_reference, mesh_sh
         scale = max(np.abs(reference_grads[key]).max(), 1e-3 * largest)
         np.testing.assert_allclose(grad / scale, reference_grads[key] / scale, atol=1e-5,
                                    err_msg=key)
+
+
+def test_nonfinite_step_leaves_the_state_unchanged():
+    """A NaN in the batch (or an update that overflows) is flagged and not applied."""
+    mesh = sharding.make_mesh(devices=jax.devices()[:1])
+    tx, schedule = optimizer.adamw_warmup_cosine(100, 1e-3, warmup_steps=0)
+    state = train_state.TrainState.create(factory, tx, mesh, seed=0)
+    step = train_state.make_train_step(state, schedule)
+    before = params(state)
+    poisoned = make_batch(0)
+    poisoned["volume"][0, 0, 0, 0] = np.nan
+    state.state, metrics = step(state.state, sharding.host_batch_to_global(poisoned, mesh))
+    assert int(metrics["nonfinite"]) == 1 and not np.isfinite(float(metrics["loss"]))
+    after = params(state)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert int(state.state[1]["step"][...]) == 0  # the optimizer did not count it
+    state.state, metrics = step(state.state, sharding.host_batch_to_global(make_batch(0), mesh))
+    assert int(metrics["nonfinite"]) == 0
+    assert any(not np.array_equal(before[k], v) for k, v in params(state).items())

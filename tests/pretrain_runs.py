@@ -1,0 +1,38 @@
+"""Running `python -m experiments.pretrain` as a user does, for the end-to-end tests
+(tests/experiments, tests/fault): a tiny model, the tiny synthetic data, subprocesses."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TINY_MODEL = [
+    "CTViTConfig.dim=32", "CTViTConfig.image_size=16", "CTViTConfig.patch_size=8",
+    "CTViTConfig.temporal_patch_size=4", "CTViTConfig.heads=2", "CTViTConfig.dim_head=8",
+    "BertConfig.vocab_size=320", "BertConfig.hidden_size=32", "BertConfig.num_hidden_layers=1",
+    "BertConfig.num_attention_heads=2", "BertConfig.intermediate_size=64",
+    "BertConfig.max_position_embeddings=32", "CTCLIPConfig.dim_latent=16",
+    "train.max_text_length=32", "train.global_batch_size=8", "train.log_every=2",
+    "train.checkpoint_every=3", "adamw_warmup_cosine.warmup_steps=2",
+]
+
+
+def data_bindings(data):
+    return [f"train.train_data='{data.shard_dir('train')}'",
+            f"train.eval_data='{data.shard_dir('valid')}'",
+            f"train.tokenizer='{data.tokenizer_path}'", "train.synthetic_data=None"]
+
+
+def run_pretrain(workdir, bindings, steps, gin_file="experiments/configs/demo.gin", devices=1):
+    args = [sys.executable, "-m", "experiments.pretrain", "--gin", gin_file,
+            "--workdir", str(workdir), "--steps", str(steps)]
+    for binding in bindings:
+        args += ["--gin_param", binding]
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
+def metrics(workdir):
+    return [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
