@@ -119,8 +119,8 @@ class PipelineConfig:
     prefetch_buffer_size: int = 4
 
 
-def shard_paths(shard_dir: str) -> list[str]:
-    """Shard files listed by the manifest (so a half-written shard is never read)."""
+def _load_manifest(shard_dir: str):
+    """The shard folder's manifest, with a clear error when it is missing or empty."""
     from data_pipeline.prepare import Manifest  # the manifest format lives with its writer
 
     manifest_path = os.path.join(shard_dir, "manifest.json")
@@ -128,10 +128,15 @@ def shard_paths(shard_dir: str) -> list[str]:
         raise FileNotFoundError(
             f"no manifest.json in {shard_dir!r}: prepare shards with "
             "`python -m data_pipeline.prepare --ctrate-root DIR --split train --out SHARD_DIR`")
-    paths = Manifest.load(manifest_path).shard_paths()
-    if not paths:
+    manifest = Manifest.load(manifest_path)
+    if not manifest.shards:
         raise ValueError(f"the manifest in {shard_dir!r} lists no shards")
-    return paths
+    return manifest
+
+
+def shard_paths(shard_dir: str) -> list[str]:
+    """Shard files listed by the manifest (so a half-written shard is never read)."""
+    return _load_manifest(shard_dir).shard_paths()
 
 
 def peek_record(shard_dir: str) -> schema.CTRecord:
@@ -158,9 +163,7 @@ class RecordLocator:
 
     @classmethod
     def from_shard_dir(cls, shard_dir: str) -> "RecordLocator":
-        from data_pipeline.prepare import Manifest
-
-        manifest = Manifest.load(shard_dir)
+        manifest = _load_manifest(shard_dir)
         return cls(tuple(manifest.shard_paths()),
                    tuple(shard.num_records for shard in manifest.shards),
                    tuple(tuple(shard.volume_names) for shard in manifest.shards))
@@ -291,7 +294,8 @@ def make_train_dataset(config: PipelineConfig, *, process_index: int = 0,
                        process_count: int = 1, num_epochs: int | None = None
                        ) -> grain.IterDataset:
     """An endless (or `num_epochs`-long) stream of this host's training batches."""
-    source = grain.sources.ArrayRecordDataSource(shard_paths(config.shard_dir))
+    locator = RecordLocator.from_shard_dir(config.shard_dir)  # reads the manifest once
+    source = grain.sources.ArrayRecordDataSource(list(locator.shard_paths))
     if len(source) < config.global_batch_size:
         raise ValueError(f"{config.shard_dir!r} holds {len(source)} records, fewer than one "
                          f"global batch of {config.global_batch_size}")
@@ -303,8 +307,7 @@ def make_train_dataset(config: PipelineConfig, *, process_index: int = 0,
                                        process_count)
     dataset = dataset.random_map(
         RecordToExample(_text_encoder(config), config.text_sections, config.hu_window,
-                        config.sentence_sampling_prob, source=indexed,
-                        locator=RecordLocator.from_shard_dir(config.shard_dir),
+                        config.sentence_sampling_prob, source=indexed, locator=locator,
                         bad_records=config.bad_records), seed=config.seed)
     dataset = dataset.batch(config.global_batch_size // process_count, drop_remainder=True)
     return _prefetch(dataset, config)

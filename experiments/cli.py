@@ -15,6 +15,13 @@ USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
 MAX_ERROR_LINES = 40  # a key-mismatch list can be long; the rest is summarised
 
 
+def add_model_arguments(parser) -> None:
+    """--workdir | --checkpoint, one required: where `evaluate.load_model` finds a model."""
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--workdir", help="pretraining run directory (config.gin, checkpoints/)")
+    source.add_argument("--checkpoint", help="converted model directory (config.json, weights/)")
+
+
 def error_message(error: BaseException) -> str:
     """`error: <message>`, cut to MAX_ERROR_LINES lines."""
     lines = str(error).splitlines() or [type(error).__name__]

@@ -129,6 +129,14 @@ def convert_to_directory(args: argparse.Namespace) -> None:
 # Model directory or pretraining workdir -> official file
 # ----------------------------------------------------------------------------------
 
+def checkpoint_steps(workdir: str) -> list[int]:
+    """The complete checkpoints of a pretraining workdir, ascending (orbax renames a
+    checkpoint to its bare step number only once it is complete)."""
+    checkpoints = os.path.join(workdir, "checkpoints")
+    names = os.listdir(checkpoints) if os.path.isdir(checkpoints) else ()
+    return sorted(int(n) for n in names if n.isdigit())
+
+
 def load_workdir(workdir: str, step: int | None = None) -> CTCLIP:
     """The model of a pretraining workdir's checkpoint, configured by its config.gin."""
     import gin
@@ -144,10 +152,8 @@ def load_workdir(workdir: str, step: int | None = None) -> CTCLIP:
         model_config = gin.query_parameter("train.model").scoped_configurable_fn()
     finally:
         gin.clear_config()
-    # Orbax renames a checkpoint to its bare step number only once it is complete.
     checkpoints = os.path.join(workdir, "checkpoints")
-    steps = sorted(int(n) for n in (os.listdir(checkpoints) if os.path.isdir(checkpoints)
-                                    else ()) if n.isdigit())
+    steps = checkpoint_steps(workdir)
     if not steps or (step is not None and step not in steps):
         raise FileNotFoundError(f"no checkpoint {'' if step is None else step} in "
                                 f"{checkpoints} (steps there: {steps})")

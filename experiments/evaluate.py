@@ -33,9 +33,7 @@ ENCODE_BATCH = 64  # prompts per text-encoder call
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.evaluate",
                                      description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", help="pretraining run directory (config.gin, checkpoints/)")
-    source.add_argument("--checkpoint", help="converted model directory (config.json, weights/)")
+    cli.add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="shard directory to evaluate (manifest.json)")
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--tokenizer", help="tokenizer.json or a Hugging Face model directory "
@@ -94,24 +92,17 @@ def _workdir_settings(workdir: str, extra_gin: list[str]) -> dict:
         gin.clear_config()
 
 
-def _latest_step(workdir: str) -> int | None:
-    directory = os.path.join(workdir, "checkpoints")
-    steps = [int(n) for n in (os.listdir(directory) if os.path.isdir(directory) else ())
-             if n.isdigit()]
-    return max(steps) if steps else None
-
-
 def load_model(args: argparse.Namespace):
     """(model, checkpoint record, tokenizer path, max text length, text sections)."""
     from ct_rate_jax import checkpoint_io
 
     if args.workdir:
-        from experiments.convert_official import load_workdir
+        from experiments.convert_official import checkpoint_steps, load_workdir
 
         settings = _workdir_settings(args.workdir, args.gin)
         model = load_workdir(args.workdir)
         record = {"kind": "pretraining workdir", "path": os.path.abspath(args.workdir),
-                  "step": _latest_step(args.workdir)}
+                  "step": max(checkpoint_steps(args.workdir))}  # load_workdir's step
     else:
         if args.gin:
             raise ValueError("--gin applies to --workdir runs; a model directory's "

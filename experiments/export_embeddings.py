@@ -21,9 +21,7 @@ from experiments import cli, evaluate
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m experiments.export_embeddings",
                                      description=__doc__.split("\n\n")[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--workdir", help="pretraining run directory")
-    source.add_argument("--checkpoint", help="converted model directory")
+    cli.add_model_arguments(parser)
     parser.add_argument("--data", required=True, help="shard directory (manifest.json)")
     parser.add_argument("--out", required=True, help="FILE.npz; FILE.parquet is written too")
     parser.add_argument("--tokenizer", help="needed with --checkpoint (the data pipeline "

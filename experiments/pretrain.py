@@ -5,9 +5,10 @@ r"""Contrastive pretraining of CT-CLIP on prepared CT-RATE shards.
 
 Rerunning the same command in the same workdir resumes from the newest checkpoint
 (model, optimizer and data iterator together).  SIGTERM (preemption) or Ctrl-C ends the
-run after the current step with a checkpoint on disk and exit status 0.  Metrics go to <workdir>/metrics.jsonl
-and TensorBoard files in <workdir>/tensorboard; with `train.zero_shot_at_end` the run
-ends with the zero-shot abnormality table on the evaluation shards.
+run after the current step with a checkpoint on disk and exit status 0.  Metrics go to
+<workdir>/metrics.jsonl and TensorBoard files in <workdir>/tensorboard; with
+`train.zero_shot_at_end` the run ends with the zero-shot abnormality table on the
+evaluation shards.
 """
 
 from __future__ import annotations
@@ -258,7 +259,8 @@ def train(workdir: str = gin.REQUIRED,
         f"({jax.process_count()} process(es)), mesh {dict(mesh.shape)}, "
         f"{train_state.parameter_count(state):,} parameters, steps {start_step} -> {num_steps}")
 
-    # --- The loop: log step N-1's metrics while step N runs (no host sync per step). ---
+    # --- The loop: step N-1's finiteness flag and logged metrics are read while step N
+    # runs, so the device always has a step queued. ---
     step_fn = train_state.make_train_step(state, schedule, loss=loss, chunked=chunked_loss,
                                           grad_accum_steps=grad_accum_steps)
     writer = MetricsWriter(workdir, total_steps=num_steps, start_step=start_step,
@@ -280,15 +282,15 @@ def train(workdir: str = gin.REQUIRED,
                     {k: host_batch[k] for k in ("volume", "input_ids", "attention_mask")},
                     mesh)
                 state.state, metrics = step_fn(state.state, device_batch)
+                done = step + 1
                 # The previous step has finished by now (this one is queued behind it).
                 if watch is not None:
                     _check_finite(watch, nonfinite, throughput, log)
-                watch = (step + 1, metrics, host_batch["volume_name"])
+                watch = (done, metrics, host_batch["volume_name"])
                 if pending is not None:
                     last_metrics = _log(writer, pending, throughput)
                     pending = None
                 writer.advance()
-                done = step + 1
                 if done % log_every == 0 or done == num_steps:
                     pending = (done, metrics)
                 saved = done % checkpoint_every == 0 or done == num_steps

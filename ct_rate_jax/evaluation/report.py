@@ -98,12 +98,8 @@ def plot_roc_curves(path: str, names: Sequence[str], labels: np.ndarray, scores:
             ax.set_title(f"{name}\nAUROC {roc_auc_score(y, s):.3f}", fontsize=8)
         else:
             ax.set_title(f"{name}\nAUROC n/a (one label value)", fontsize=8)
-        ax.set_xlim(0, 1), ax.set_ylim(0, 1)
-        ax.tick_params(labelsize=6)
-        ax.set_xlabel("1 - specificity", fontsize=7), ax.set_ylabel("sensitivity", fontsize=7)
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    plt.close(figure)
+        _label_axes(ax, "1 - specificity", "sensitivity", top=1.0)
+    _save(plt, figure, path)
 
 
 def plot_pr_curves(path: str, names: Sequence[str], labels: np.ndarray, scores: np.ndarray,
@@ -123,9 +119,18 @@ def plot_pr_curves(path: str, names: Sequence[str], labels: np.ndarray, scores: 
                          f"(prevalence {y.mean():.2f})", fontsize=8)
         else:
             ax.set_title(f"{name}\nAP n/a (no positives)", fontsize=8)
-        ax.set_xlim(0, 1), ax.set_ylim(0, 1.02)
-        ax.tick_params(labelsize=6)
-        ax.set_xlabel("recall", fontsize=7), ax.set_ylabel("precision", fontsize=7)
+        _label_axes(ax, "recall", "precision", top=1.02)
+    _save(plt, figure, path)
+
+
+def _label_axes(ax, xlabel: str, ylabel: str, top: float) -> None:
+    """Unit square axes with small labels (the grids hold 18 panels)."""
+    ax.set_xlim(0, 1), ax.set_ylim(0, top)
+    ax.tick_params(labelsize=6)
+    ax.set_xlabel(xlabel, fontsize=7), ax.set_ylabel(ylabel, fontsize=7)
+
+
+def _save(plt, figure, path: str) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

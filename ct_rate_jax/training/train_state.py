@@ -245,7 +245,8 @@ def accumulated_loss_and_grads(model: CTCLIP, batch: dict[str, jax.Array], steps
 
     (grads, _), _ = jax.lax.scan(backward, (grads, buffers),
                                  (micro, rngs_per_micro, d_image_abd, d_text_abd))
-    nnx.update(model, rngs_end, jax.tree.map(lambda x: x.mean(0).astype(x.dtype), buffers_per_micro))
+    mean_buffers = jax.tree.map(lambda x: x.mean(0).astype(x.dtype), buffers_per_micro)
+    nnx.update(model, rngs_end, mean_buffers)
     return (value, metrics), grads
 
 
@@ -266,8 +267,8 @@ def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = N
     grad_accum_steps: split the global batch into this many micro-batches inside the
       step (`accumulated_loss_and_grads`: the big-batch gradient, one micro-batch's
       activations in memory at a time).  The defaults are the plain one-pass step.
-    skip_nonfinite: when the loss or the gradient norm is not finite, return the input
-      state unchanged (parameters, optimizer moments, step count, codebook), so that a
+    skip_nonfinite: when the loss, the gradient norm or an updated parameter is not
+      finite, return the input state unchanged (parameters, optimizer moments, step count, codebook), so that a
       bad batch can never put NaN into the weights; `metrics["nonfinite"]` is 1 for such
       a step.  The trainer decides whether to go on (experiments/pretrain.py).
     """
@@ -291,15 +292,14 @@ def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = N
         count = optimizer.step[...]
         optimizer.update(model, grads)
         grad_norm = optax.global_norm(grads)
-        finite = jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
+        # An update can overflow even from a finite gradient (e.g. a huge learning rate).
+        finite = (jnp.isfinite(loss_value) & jnp.isfinite(grad_norm)
+                  & _all_finite(nnx.state(model, nnx.Param)))
         metrics = dict(metrics, loss=loss_value, grad_norm=grad_norm,
                        nonfinite=(~finite).astype(jnp.int32))
         if schedule is not None:
             metrics["learning_rate"] = schedule(count)
         updated = nnx.state((model, optimizer))
-        # An update can overflow even from a finite gradient (e.g. a huge learning rate).
-        finite = finite & _all_finite(nnx.state(model, nnx.Param))
-        metrics["nonfinite"] = (~finite).astype(jnp.int32)
         if skip_nonfinite:
             leaves, treedef = jax.tree.flatten(updated)
             kept = jax.lax.cond(finite, lambda: leaves, lambda: previous)
