@@ -343,17 +343,12 @@ def paint_consolidation(canvas: Canvas, anat: Anatomy, p: Params) -> None:
         paint_polyline(canvas, points, radius, -920.0, where=canvas.masks["consolidation"])
 
 
-_MUCUS_HU = 20.0
-
-
 def draw_bronchiectasis(rng, anat: Anatomy, conspicuity: float = REALISTIC) -> Params:
     c = conspicuity
     side = _choose_side(rng, toward(0.3, 0.15, c), toward(0.3, 0.15, c))
-    tubes, cysts = [], []
+    tubes = []
     # Conspicuous: more often both lungs, many more and thicker-walled tubes crowding
-    # the lower lobe, plus a cluster of thick-walled cysts (cystic bronchiectasis)
-    # with air-fluid levels in its core: air inside soft-tissue rings, fluid lying
-    # posteriorly (supine), a pattern with the same orientation in every patient.
+    # the lower lobe.
     for s in _SIDES[side]:
         start = anat.hila[0 if s < 0 else 1] + [20.0, s * 14.0, -45.0]
         for _ in range(int(rng.integers(more(3, c, 1.6), more(6, c, 1.6)))):
@@ -363,37 +358,15 @@ def draw_bronchiectasis(rng, anat: Anatomy, conspicuity: float = REALISTIC) -> P
             lumen = rng.uniform(5.5, 8.0) * grow(c, 0.4)
             wall = rng.uniform(2.5, 3.5) * grow(c, 2.0)
             tubes.append((np.array([start, end]), np.array([lumen, 0.8 * lumen]), wall))
-        core = start + 55.0 * unit_vector([0.35, s * 0.45, -1.0])
-        cysts += [(core + rng.normal(0, 15, 3), rng.uniform(6, 9) * toward(1.0, 2.0, c),
-                   rng.uniform(2.5, 3.5) * grow(c, 1.0)) for _ in range(extra(0.0, c))]
-    return {"tubes": tubes, "cysts": cysts, "cyst_fluid": toward(0.0, 0.5, c),
-            "details": {"side": side, "lobe": _LOWER_LOBES[side]}}
+    return {"tubes": tubes, "details": {"side": side, "lobe": _LOWER_LOBES[side]}}
 
 
 def paint_bronchiectasis(canvas: Canvas, anat: Anatomy, p: Params) -> None:
     lungs = canvas.masks["lungs"] & ~canvas.masks["heart"]
     for points, lumen, wall in p["tubes"]:
         paint_polyline(canvas, points, lumen + wall, 40.0, where=lungs)
-    for centre, lumen, wall in p["cysts"]:
-        paint_ellipsoid(canvas, centre, (lumen + wall,) * 3, 40.0, where=lungs)
     for points, lumen, _ in p["tubes"]:
         paint_polyline(canvas, points, lumen, -1000.0, where=lungs)
-    for centre, lumen, _ in p["cysts"]:
-        _paint_air_fluid_cyst(canvas, centre, lumen, p["cyst_fluid"], lungs)
-
-
-def _paint_air_fluid_cyst(canvas: Canvas, centre, radius: float, fluid_fraction: float,
-                          where: np.ndarray) -> None:
-    """A spherical air space whose posterior (dependent) part, up to about
-    `fluid_fraction` of its depth, holds fluid."""
-    found = ellipsoid_box(canvas, centre, (radius,) * 3)
-    if found is None:
-        return
-    slices, (y, x, z) = found
-    inside = (ellipsoid_radius2((y, x, z), centre, (radius,) * 3) < 1.0) & where[slices]
-    level = centre[0] + radius * (1.0 - 2.0 * fluid_fraction)
-    contents = np.where(y > level, np.float32(_MUCUS_HU), np.float32(-1000.0))
-    canvas.hu[slices][inside] = np.broadcast_to(contents, inside.shape)[inside]
 
 
 def draw_septal_thickening(rng, anat: Anatomy, conspicuity: float = REALISTIC) -> Params:
