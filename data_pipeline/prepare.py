@@ -317,7 +317,8 @@ def prepare_split(ctrate_root: str, split: str, out_dir: str,
         ArrayRecord compresses each record with zstd.
       workers: worker processes (default: all CPUs); 1 runs in this process.
       limit: prepare only the first `limit` volumes in VolumeName order.
-      volumes_dir: volume folder below ``dataset/`` if not the split's default.
+      volumes_dir: volume folder below ``dataset/`` (default: `release.default_volumes_dir`,
+        ``{split}_fixed`` when the release has it, else ``{split}``).
       overwrite: replace earlier shards and manifest in `out_dir`.  Without it, an
         unfinished run of the same inputs and settings is resumed, a finished one
         returned as is, and anything else refused.

@@ -79,6 +79,17 @@ def resolve_dataset_dir(ctrate_root: str) -> str:
         f"{root} is not a CT-RATE release: expected {nested} or a {METADATA_DIR}/ folder in it")
 
 
+def default_volumes_dir(dataset_dir: str, split: str) -> str:
+    """``{split}_fixed`` (CT-RATE v2's re-headered volumes) if present, else ``{split}``.
+
+    The fixed files carry the HU scaling in their NIfTI headers; preparation detects
+    that and does not apply the CSV's RescaleSlope / RescaleIntercept a second time.
+    """
+    plain = _split_files(split)["volumes"]
+    fixed = f"{plain}_fixed"
+    return fixed if os.path.isdir(os.path.join(dataset_dir, fixed)) else plain
+
+
 def csv_paths(dataset_dir: str, split: str) -> dict[str, str]:
     """Paths of the metadata, reports and labels CSVs of `split`."""
     files = _split_files(split)
@@ -133,8 +144,8 @@ def list_volumes(ctrate_root: str, split: str, *,
     Args:
       ctrate_root: the release's ``dataset/`` folder or the folder containing it.
       split: "train" or "valid".
-      volumes_dir: folder of the volumes below ``dataset/`` when it is not the
-        split's default (e.g. "train_fixed" for the re-headered CT-RATE v2 files).
+      volumes_dir: folder of the volumes below ``dataset/``; by default
+        `default_volumes_dir` ("train_fixed" when the release has it, else "train").
     """
     dataset_dir = resolve_dataset_dir(ctrate_root)
     files = _split_files(split)
@@ -144,7 +155,7 @@ def list_volumes(ctrate_root: str, split: str, *,
     reports = read_csv_rows(paths["reports"], ("Findings_EN", "Impressions_EN"))
     labels = read_csv_rows(paths["labels"], ABNORMALITIES)
     volume_files = find_volume_files(
-        os.path.join(dataset_dir, volumes_dir or files["volumes"]))
+        os.path.join(dataset_dir, volumes_dir or default_volumes_dir(dataset_dir, split)))
 
     entries = []
     for name in sorted(volume_files):
