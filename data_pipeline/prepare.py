@@ -56,9 +56,9 @@ from data_pipeline.shard_plan import (
     CompletedShard,
     PlannedShard,
     ProgressStore,
-    earlier_outputs,
     fsync_file,
     inputs_per_shard,
+    open_out_dir,
     plan_fingerprint,
     plan_shards,
     sha256_of_file,
@@ -203,42 +203,6 @@ def _write_shard(out_dir: str, shard: PlannedShard,
     return CompletedShard(info, failed)
 
 
-def _open_out_dir(out_dir: str, store: ProgressStore, overwrite: bool) -> Manifest | None:
-    """Prepares `out_dir` for this plan; returns its manifest if this plan already finished.
-
-    A folder holding the finished output of the same plan is returned as is (a
-    rerun after a kill that came after the manifest was written); the partial
-    output of the same plan is resumed; anything else is refused unless
-    `overwrite`, which clears it.
-    """
-    os.makedirs(out_dir, exist_ok=True)
-    if overwrite:
-        for path in earlier_outputs(out_dir):
-            os.remove(path)
-        store.remove()
-        return None
-    if os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
-        manifest = Manifest.load(out_dir)
-        if manifest.plan_sha256 == store.fingerprint and all(
-                os.path.isfile(path) and sha256_of_file(path) == shard.sha256
-                for shard, path in zip(manifest.shards, manifest.shard_paths())):
-            store.remove()
-            return manifest
-        raise FileExistsError(f"{out_dir} already holds prepared shards of other inputs or "
-                              f"settings; choose another folder or pass overwrite=True "
-                              f"(--overwrite)")
-    earlier_plan = store.earlier_plan()
-    if earlier_plan is not None and earlier_plan != store.fingerprint:
-        raise FileExistsError(f"{out_dir} holds an unfinished preparation of other inputs or "
-                              f"settings; rerun the command that started it, choose another "
-                              f"folder or pass overwrite=True (--overwrite)")
-    if earlier_plan is None and earlier_outputs(out_dir):
-        raise FileExistsError(f"{out_dir} already holds shard files of unknown origin "
-                              f"({len(earlier_outputs(out_dir))} files); choose another "
-                              f"folder or pass overwrite=True (--overwrite)")
-    return None
-
-
 def _prepare_items(items: Sequence, split: str, out_dir: str, config: PreprocessConfig,
                    source_root: str, *, per_shard: int, workers: int | None,
                    overwrite: bool, progress: bool, failed_before: list[dict],
@@ -251,7 +215,7 @@ def _prepare_items(items: Sequence, split: str, out_dir: str, config: Preprocess
         "preprocessing": preprocessing, "failed_before": failed_before,
         "excluded": excluded}, source_root)
     store = ProgressStore(out_dir, fingerprint)
-    finished = _open_out_dir(out_dir, store, overwrite)
+    finished = open_out_dir(out_dir, store, overwrite)
     if finished is not None:
         return finished
     store.begin({"split": split, "num_inputs": len(items), "num_shards": len(shards)})

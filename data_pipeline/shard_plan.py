@@ -32,6 +32,7 @@ from data_pipeline.manifest import (
     MANIFEST_NAME,
     TMP_SUFFIX,
     WRITER_OPTIONS,
+    Manifest,
     ShardInfo,
     resolve_inside,
     write_atomically,
@@ -185,3 +186,42 @@ def earlier_outputs(out_dir: str) -> list[str]:
     """Files of an earlier preparation in `out_dir` (manifest, shards, temporaries)."""
     return [path for pattern in (MANIFEST_NAME, "*.array_record", f"*{TMP_SUFFIX}")
             for path in glob.glob(os.path.join(out_dir, pattern))]
+
+
+def open_out_dir(out_dir: str, store: ProgressStore, overwrite: bool) -> Manifest | None:
+    """Prepares `out_dir` for this plan; returns its manifest if this plan already finished.
+
+    A folder holding the finished output of the same plan is returned as is (a
+    rerun after a kill that came after the manifest was written); the partial
+    output of the same plan is resumed; anything else is refused unless
+    `overwrite`, which clears it.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    if overwrite:
+        for path in earlier_outputs(out_dir):
+            os.remove(path)
+        store.remove()
+        return None
+    if os.path.exists(os.path.join(out_dir, MANIFEST_NAME)):
+        manifest = Manifest.load(out_dir)
+        if manifest.plan_sha256 != store.fingerprint:
+            raise FileExistsError(f"{out_dir} already holds prepared shards of other inputs "
+                                  f"or settings; choose another folder or pass "
+                                  f"overwrite=True (--overwrite)")
+        for shard, path in zip(manifest.shards, manifest.shard_paths()):
+            if not os.path.isfile(path) or sha256_of_file(path) != shard.sha256:
+                raise FileExistsError(f"{path} is missing or no longer matches the sha256 in "
+                                      f"{out_dir}/{MANIFEST_NAME}; pass overwrite=True "
+                                      f"(--overwrite) to prepare again")
+        store.remove()
+        return manifest
+    earlier_plan = store.earlier_plan()
+    if earlier_plan is not None and earlier_plan != store.fingerprint:
+        raise FileExistsError(f"{out_dir} holds an unfinished preparation of other inputs or "
+                              f"settings; rerun the command that started it, choose another "
+                              f"folder or pass overwrite=True (--overwrite)")
+    if earlier_plan is None and earlier_outputs(out_dir):
+        raise FileExistsError(f"{out_dir} already holds shard files of unknown origin "
+                              f"({len(earlier_outputs(out_dir))} files); choose another "
+                              f"folder or pass overwrite=True (--overwrite)")
+    return None
