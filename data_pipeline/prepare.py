@@ -1,20 +1,27 @@
-"""Preprocesses one split of a CT-RATE release into ArrayRecord shards.
+"""Preprocesses one split of a CT-RATE release (or a folder of one's own scans) into shards.
 
     python -m data_pipeline.prepare --ctrate-root DIR --split train --out SHARD_DIR \
         [--target-spacing 1.5,0.75,0.75] [--target-shape 240,480,480] \
         [--hu-window -1000,1000] [--records-per-shard N | --shard-size-mb M] \
         [--workers N] [--limit N] [--volumes-dir train_fixed] [--overwrite]
+    python -m data_pipeline.prepare --scans PATH --out SHARD_DIR [same options]
 
 Each volume is read, converted to HU, resampled, clipped, rounded and cropped or
 padded (`data_pipeline.preprocess`) in a process pool; workers receive the file
 path and return the encoded `schema.CTRecord`, so a volume crosses process
-boundaries once, as int16 bytes.  Records are written in sorted VolumeName order
-whatever the number of workers, so the shards are byte-identical between runs.
-Shards are first written under temporary names and renamed to
-``{split}-{index:05d}-of-{count:05d}.array_record`` when all are complete; the
-manifest (`manifest.json`, see `Manifest`) is written last, through a temporary
-file and a rename.  Bad inputs are listed in the manifest's ``failed`` list and
-make the exit status 1; the other volumes are still prepared.
+boundaries once, as int16 bytes.
+
+The inputs, sorted by VolumeName, are assigned to shards before any work starts
+(`data_pipeline.shard_plan`): shard i always holds the same inputs, whatever the
+number of workers, so shards are byte-identical between runs.  Each shard is
+written under a temporary name, renamed to
+``{split}-{index:05d}-of-{count:05d}.array_record`` and then recorded as complete.
+A run killed at any moment and started again with the same arguments keeps the
+shards whose completion record and checksum verify and writes the others again:
+it ends with exactly one record per good input.  The manifest (`manifest.json`,
+see `Manifest`) is written last, through a temporary file and a rename.  Bad
+inputs are listed in the manifest's ``failed`` list and make the exit status 1;
+the other volumes are still prepared.
 """
 
 from __future__ import annotations
@@ -22,92 +29,43 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import dataclasses
 import datetime
 import glob
-import hashlib
 import itertools
-import json
 import multiprocessing
 import os
 import sys
 import time
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from data_pipeline import schema
+from data_pipeline import failpoints, schema
+from data_pipeline.manifest import (  # noqa: F401 - re-exported: the manifest's old home
+    MANIFEST_FORMAT_VERSION,
+    MANIFEST_NAME,
+    TMP_SUFFIX,
+    WRITER_OPTIONS,
+    Manifest,
+    ShardInfo,
+    UnsafePathError,
+)
 from data_pipeline.preprocess import PreprocessConfig, load_nifti_dhw, preprocess_volume
-from data_pipeline.release import VolumeEntry, list_volumes
+from data_pipeline.release import VolumeEntry, excluded_volumes, list_volumes
+from data_pipeline.shard_plan import (
+    CompletedShard,
+    PlannedShard,
+    ProgressStore,
+    fsync_file,
+    inputs_per_shard,
+    open_out_dir,
+    plan_fingerprint,
+    plan_shards,
+    sha256_of_file,
+    shard_file_name,  # noqa: F401 - part of this module's interface
+)
 
-MANIFEST_FORMAT_VERSION = 1
-MANIFEST_NAME = "manifest.json"
-# One record per chunk, so that reading record i decompresses only record i.
-# zstd:3 is ArrayRecord's default compressor, written out so the manifest says it.
-WRITER_OPTIONS = "group_size:1,zstd:3"
-_TMP_SUFFIX = ".tmp"
-
-
-@dataclasses.dataclass
-class ShardInfo:
-    """One shard file: its name (relative to the manifest), size and content."""
-
-    file: str
-    num_records: int
-    sha256: str
-    bytes: int
-    volume_names: list[str]
-
-
-@dataclasses.dataclass
-class Manifest:
-    """Contents of ``manifest.json`` in a shard directory.
-
-    `directory` is where the manifest was loaded from or written to (not stored).
-    `failed` lists {volume_name, path, reason} for every input that was skipped.
-    """
-
-    split: str
-    num_records: int
-    shards: list[ShardInfo]
-    preprocessing: dict
-    source_root: str
-    failed: list[dict]
-    created: str
-    writer_options: str = WRITER_OPTIONS
-    format_version: int = MANIFEST_FORMAT_VERSION
-    record_format_version: int = schema.RECORD_FORMAT_VERSION
-    directory: str = dataclasses.field(default="", compare=False)
-
-    @classmethod
-    def load(cls, path: str) -> "Manifest":
-        """Reads a manifest, given its path or its shard directory."""
-        path = os.fspath(path)
-        if os.path.isdir(path):
-            path = os.path.join(path, MANIFEST_NAME)
-        with open(path, encoding="utf-8") as handle:
-            data = json.load(handle)
-        if data.get("format_version") != MANIFEST_FORMAT_VERSION:
-            raise ValueError(f"{path}: manifest format {data.get('format_version')} is not "
-                             f"supported (this code reads {MANIFEST_FORMAT_VERSION})")
-        data["shards"] = [ShardInfo(**shard) for shard in data["shards"]]
-        return cls(**data, directory=os.path.dirname(os.path.abspath(path)))
-
-    def to_json(self) -> dict:
-        data = dataclasses.asdict(self)
-        del data["directory"]
-        return data
-
-    def save(self, directory: str) -> str:
-        """Writes ``directory/manifest.json`` atomically; returns its path."""
-        path = os.path.join(directory, MANIFEST_NAME)
-        _write_atomically(path, json.dumps(self.to_json(), indent=2, ensure_ascii=False))
-        self.directory = os.path.abspath(directory)
-        return path
-
-    def shard_paths(self) -> list[str]:
-        """Absolute paths of the shards, in record order."""
-        return [os.path.join(self.directory, shard.file) for shard in self.shards]
+SCANS_SPLIT = "scans"  # the split name of shards prepared from a user's own scans
 
 
 # ----------------------------------------------------------------------------------
@@ -144,10 +102,17 @@ def encode_volume(entry: VolumeEntry, config: PreprocessConfig) -> bytes:
     return schema.encode_record(record)
 
 
-def _encode_or_reason(entry: VolumeEntry, config: PreprocessConfig):
-    """(encoded bytes, None) or (None, reason): one bad file must not stop the run."""
+def _encode_or_reason(entry, config: PreprocessConfig):
+    """(encoded bytes, None) or (None, reason): one bad file must not stop the run.
+
+    `entry` is a release `VolumeEntry` or a `user_scans.UserScan`.
+    """
     try:
-        return encode_volume(entry, config), None
+        if isinstance(entry, VolumeEntry):
+            return encode_volume(entry, config), None
+        from data_pipeline.user_scans import encode_user_scan
+
+        return encode_user_scan(entry, config), None
     except Exception as error:  # noqa: BLE001 - any unreadable input is a recorded failure
         return None, f"{type(error).__name__}: {error}"
 
@@ -164,7 +129,9 @@ def _results_in_order(entries, config, workers):
         return
     # spawn: the parent holds writer threads, which fork would copy half-alive.
     context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
+    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context,
+                                                initializer=_exit_with_parent,
+                                                initargs=(os.getpid(),)) as pool:
         pending = collections.deque()
         remaining = iter(entries)
 
@@ -180,104 +147,118 @@ def _results_in_order(entries, config, workers):
             yield entry, encoded, reason
 
 
+def _exit_with_parent(parent_pid: int) -> None:
+    """Worker initializer: end this worker when the parent dies (e.g. kill -9), instead
+    of leaving an orphan holding a volume's worth of memory."""
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(0.5)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 # ----------------------------------------------------------------------------------
 # Shards
 # ----------------------------------------------------------------------------------
 
 
-class _ShardWriter:
-    """Writes records into numbered temporary shards; `finish` gives them final names.
+def _write_shard(out_dir: str, shard: PlannedShard,
+                 results: Iterator[tuple]) -> CompletedShard:
+    """Writes the next len(shard.inputs) results into `shard`'s file.
 
-    A new shard starts when the current one holds `records_per_shard` records or,
-    if that is None, when the next record would take its encoded (uncompressed)
-    size past `max_shard_bytes`.  Both rules depend only on the records, never
-    on timing, so the sharding is deterministic.
+    The records go to ``<file>.tmp``, which is synced and renamed when complete; a
+    shard whose inputs all failed has no file.
     """
+    from array_record.python.array_record_module import ArrayRecordWriter
 
-    def __init__(self, out_dir: str, split: str, records_per_shard: int | None,
-                 max_shard_bytes: int):
-        self.out_dir, self.split = out_dir, split
-        self.records_per_shard, self.max_shard_bytes = records_per_shard, max_shard_bytes
-        self._writer = None
-        self._names: list[str] = []
-        self._bytes = 0
-        self._done: list[tuple[str, list[str]]] = []  # (temporary path, names)
-
-    def write(self, volume_name: str, encoded: bytes) -> None:
-        if self._writer is not None and self._shard_is_full(len(encoded)):
-            self._close_current()
-        if self._writer is None:
-            self._open_next()
-        self._writer.write(encoded)
-        self._names.append(volume_name)
-        self._bytes += len(encoded)
-
-    def finish(self) -> list[ShardInfo]:
-        """Closes the last shard and renames all to ``{split}-i-of-n.array_record``."""
-        self._close_current()
-        shards = []
-        for index, (tmp_path, names) in enumerate(self._done):
-            name = shard_file_name(self.split, index, len(self._done))
-            final_path = os.path.join(self.out_dir, name)
-            os.replace(tmp_path, final_path)
-            shards.append(ShardInfo(file=name, num_records=len(names),
-                                    sha256=_sha256(final_path),
-                                    bytes=os.path.getsize(final_path), volume_names=names))
-        return shards
-
-    def _shard_is_full(self, next_record_bytes: int) -> bool:
-        if self.records_per_shard is not None:
-            return len(self._names) >= self.records_per_shard
-        return self._bytes + next_record_bytes > self.max_shard_bytes
-
-    def _open_next(self) -> None:
-        from array_record.python.array_record_module import ArrayRecordWriter
-
-        path = os.path.join(self.out_dir, f"{self.split}-{len(self._done):05d}.array_record"
-                                          f"{_TMP_SUFFIX}")
-        self._writer = ArrayRecordWriter(path, WRITER_OPTIONS)
-        self._path, self._names, self._bytes = path, [], 0
-
-    def _close_current(self) -> None:
-        if self._writer is None:
-            return
-        self._writer.close()
-        self._done.append((self._path, self._names))
-        self._writer = None
+    final_path = os.path.join(out_dir, shard.file)
+    tmp_path = final_path + TMP_SUFFIX
+    writer, names, failed = None, [], []
+    try:
+        for entry, encoded, reason in itertools.islice(results, len(shard.inputs)):
+            if encoded is None:
+                failed.append(_failure(entry, reason))
+                continue
+            if writer is None:
+                writer = ArrayRecordWriter(tmp_path, WRITER_OPTIONS)
+            writer.write(encoded)
+            names.append(entry.volume_name)
+            failpoints.reached("record_written")
+    finally:
+        if writer is not None:
+            writer.close()
+    if len(names) + len(failed) != len(shard.inputs):
+        raise RuntimeError(f"{shard.file}: got {len(names) + len(failed)} results for "
+                           f"{len(shard.inputs)} inputs")
+    if not names:
+        return CompletedShard(None, failed)
+    fsync_file(tmp_path)
+    os.replace(tmp_path, final_path)
+    failpoints.reached("shard_renamed")
+    info = ShardInfo(file=shard.file, num_records=len(names), sha256=sha256_of_file(final_path),
+                     bytes=os.path.getsize(final_path), volume_names=names)
+    return CompletedShard(info, failed)
 
 
-def shard_file_name(split: str, index: int, count: int) -> str:
-    return f"{split}-{index:05d}-of-{count:05d}.array_record"
+def _prepare_items(items: Sequence, split: str, out_dir: str, config: PreprocessConfig,
+                   source_root: str, *, per_shard: int, workers: int | None,
+                   overwrite: bool, progress: bool, failed_before: list[dict],
+                   excluded: list[dict]) -> Manifest:
+    """Prepares `items` (each with volume_name, path) into resumable shards in `out_dir`."""
+    preprocessing = {**config.to_dict(), "voxel_dtype": "int16",
+                     "voxel_unit": "HU, rounded half to even", "layout": "DHW"}
+    shards = plan_shards(split, items, per_shard)
+    fingerprint = plan_fingerprint(split, shards, {
+        "preprocessing": preprocessing, "failed_before": failed_before,
+        "excluded": excluded}, source_root)
+    store = ProgressStore(out_dir, fingerprint)
+    finished = open_out_dir(out_dir, store, overwrite)
+    if finished is not None:
+        return finished
+    store.begin({"split": split, "num_inputs": len(items), "num_shards": len(shards)})
+
+    done = {shard.index: store.completed(shard) for shard in shards}
+    todo = [shard for shard in shards if done[shard.index] is None]
+    pending_inputs = [item for shard in todo for item in shard.inputs]
+    workers = max(1, min(workers or os.cpu_count() or 1, max(len(pending_inputs), 1)))
+    with _progress_bar(len(items), split, progress) as bar:
+        bar.update(len(items) - len(pending_inputs))
+        if len(todo) < len(shards):
+            bar.write(f"resuming {out_dir}: {len(shards) - len(todo)} of {len(shards)} "
+                      f"shards already complete", file=sys.stderr)
+        results = _counted(_results_in_order(pending_inputs, config, workers), bar)
+        for shard in todo:
+            done[shard.index] = _write_shard(out_dir, shard, results)
+            store.mark_complete(shard, done[shard.index])
+            failpoints.reached("shard_complete")
+
+    completed = [done[shard.index] for shard in shards]
+    written = [c.shard for c in completed if c.shard is not None]
+    failed = failed_before + [f for c in completed for f in c.failed]
+    manifest = Manifest(
+        split=split,
+        num_records=sum(shard.num_records for shard in written),
+        shards=written,
+        preprocessing=preprocessing,
+        source_root=os.path.abspath(source_root),
+        failed=sorted(failed, key=lambda failure: failure["volume_name"]),
+        excluded=excluded,
+        plan_sha256=fingerprint,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    manifest.save(out_dir)
+    failpoints.reached("manifest_written")
+    store.remove()
+    return manifest
 
 
-def _sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _write_atomically(path: str, text: str) -> None:
-    tmp_path = path + _TMP_SUFFIX
-    with open(tmp_path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_path, path)
-
-
-def _prepare_out_dir(out_dir: str, overwrite: bool) -> None:
-    """Creates `out_dir`; refuses (or, with `overwrite`, clears) earlier outputs."""
-    os.makedirs(out_dir, exist_ok=True)
-    earlier = [path for pattern in (MANIFEST_NAME, "*.array_record", f"*{_TMP_SUFFIX}")
-               for path in glob.glob(os.path.join(out_dir, pattern))]
-    if earlier and not overwrite:
-        raise FileExistsError(f"{out_dir} already holds prepared shards ({len(earlier)} "
-                              f"files); choose another folder or pass overwrite=True "
-                              f"(--overwrite)")
-    for path in earlier:
-        os.remove(path)
+def _counted(results: Iterator[tuple], bar) -> Iterator[tuple]:
+    for result in results:
+        bar.update(1)
+        yield result
 
 
 # ----------------------------------------------------------------------------------
@@ -294,51 +275,63 @@ def prepare_split(ctrate_root: str, split: str, out_dir: str,
     """Preprocesses `split` of the release at `ctrate_root` into shards in `out_dir`.
 
     Args:
-      records_per_shard: records per shard; if None, shards are cut at
-        `shard_size_mb` MiB of encoded (uncompressed) records.  The files are
-        smaller, since ArrayRecord compresses each record with zstd.
+      records_per_shard: inputs per shard (a shard holds fewer records when some
+        of its inputs fail); if None, as many target-size volumes as fit in
+        `shard_size_mb` MiB of encoded records.  The files are smaller, since
+        ArrayRecord compresses each record with zstd.
       workers: worker processes (default: all CPUs); 1 runs in this process.
       limit: prepare only the first `limit` volumes in VolumeName order.
-      volumes_dir: volume folder below ``dataset/`` if not the split's default.
-      overwrite: replace earlier shards and manifest in `out_dir`.
+      volumes_dir: volume folder below ``dataset/`` (default: `release.default_volumes_dir`,
+        ``{split}_fixed`` when the release has it, else ``{split}``).
+      overwrite: replace earlier shards and manifest in `out_dir`.  Without it, an
+        unfinished run of the same inputs and settings is resumed, a finished one
+        returned as is, and anything else refused.
 
-    Returns the written `Manifest`; check `manifest.failed` for skipped inputs.
+    Volumes named in the release's ``no_chest_{split}.txt`` are left out and listed
+    in `manifest.excluded`.  Returns the written `Manifest`; check `manifest.failed`
+    for inputs that could not be prepared.
     """
-    if records_per_shard is not None and records_per_shard < 1:
-        raise ValueError(f"records_per_shard must be >= 1, got {records_per_shard}")
+    per_shard = inputs_per_shard(config.target_shape, records_per_shard, shard_size_mb)
     entries = list_volumes(ctrate_root, split, volumes_dir=volumes_dir)
+    exclusions = excluded_volumes(entries, ctrate_root, split)
+    excluded = [_failure(entry, exclusions[entry.volume_name])
+                for entry in entries if entry.volume_name in exclusions]
+    entries = [entry for entry in entries if entry.volume_name not in exclusions]
     if limit is not None:
         entries = entries[:limit]
-    workers = max(1, min(workers or os.cpu_count() or 1, max(len(entries), 1)))
-    _prepare_out_dir(out_dir, overwrite)
-
-    failed = [_failure(entry, entry.error) for entry in entries if not entry.ok]
-    good = [entry for entry in entries if entry.ok]
-    writer = _ShardWriter(out_dir, split, records_per_shard, int(shard_size_mb * 2**20))
-    with _progress_bar(len(good), split, progress) as bar:
-        for entry, encoded, reason in _results_in_order(good, config, workers):
-            if encoded is None:
-                failed.append(_failure(entry, reason))
-            else:
-                writer.write(entry.volume_name, encoded)
-            bar.update(1)
-    shards = writer.finish()
-
-    manifest = Manifest(
-        split=split,
-        num_records=sum(shard.num_records for shard in shards),
-        shards=shards,
-        preprocessing={**config.to_dict(), "voxel_dtype": "int16",
-                       "voxel_unit": "HU, rounded half to even", "layout": "DHW"},
-        source_root=os.path.abspath(ctrate_root),
-        failed=sorted(failed, key=lambda failure: failure["volume_name"]),
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
-    manifest.save(out_dir)
-    return manifest
+    failed_before = [_failure(entry, entry.error) for entry in entries if not entry.ok]
+    return _prepare_items([entry for entry in entries if entry.ok], split, out_dir, config,
+                          ctrate_root, per_shard=per_shard, workers=workers,
+                          overwrite=overwrite, progress=progress,
+                          failed_before=failed_before, excluded=excluded)
 
 
-def _failure(entry: VolumeEntry, reason: str) -> dict:
+def prepare_scans(scans_path: str, out_dir: str, config: PreprocessConfig = PreprocessConfig(),
+                  *, records_per_shard: int | None = None, shard_size_mb: float = 256,
+                  workers: int | None = None, limit: int | None = None,
+                  overwrite: bool = False, progress: bool = True) -> Manifest:
+    """Preprocesses a user's own NIfTI files or DICOM series into shards in `out_dir`.
+
+    `scans_path` is anything `user_scans.find_user_scans` accepts.  Records carry
+    empty texts and unknown labels (-1), so every shard reader works on them; the
+    split is called ``"scans"``.  Otherwise as `prepare_split`.
+    """
+    from data_pipeline.user_scans import find_user_scans
+
+    per_shard = inputs_per_shard(config.target_shape, records_per_shard, shard_size_mb)
+    errors: list = []
+    scans = find_user_scans(scans_path, errors=errors)
+    if limit is not None:
+        scans = scans[:limit]
+    failed_before = [{"volume_name": os.path.basename(path), "path": path, "reason": reason}
+                     for path, reason in errors]
+    root = scans_path if os.path.isdir(scans_path) else os.path.dirname(scans_path)
+    return _prepare_items(scans, SCANS_SPLIT, out_dir, config, os.path.abspath(root),
+                          per_shard=per_shard, workers=workers, overwrite=overwrite,
+                          progress=progress, failed_before=failed_before, excluded=[])
+
+
+def _failure(entry, reason: str) -> dict:
     return {"volume_name": entry.volume_name, "path": entry.path, "reason": reason}
 
 
@@ -388,10 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = PreprocessConfig()
     parser = argparse.ArgumentParser(
         prog="python -m data_pipeline.prepare",
-        description="Preprocess one split of a CT-RATE release into ArrayRecord shards.")
-    parser.add_argument("--ctrate-root", required=True,
+        description="Preprocess one split of a CT-RATE release, or a folder of your own "
+                    "NIfTI / DICOM scans, into ArrayRecord shards.  Rerunning a killed "
+                    "command resumes it.")
+    inputs = parser.add_mutually_exclusive_group(required=True)
+    inputs.add_argument("--ctrate-root",
                         help="the release's dataset/ folder or the folder containing it")
-    parser.add_argument("--split", required=True, choices=sorted(schema.SPLIT_FILES))
+    inputs.add_argument("--scans", help="a NIfTI file, a folder of NIfTI files, a DICOM "
+                                        "series folder or a folder of series folders")
+    parser.add_argument("--split", choices=sorted(schema.SPLIT_FILES),
+                        help="release split (with --ctrate-root)")
     parser.add_argument("--out", required=True, help="shard directory to create")
     parser.add_argument("--target-spacing", type=_numbers(float, 3),
                         default=defaults.target_spacing_mm, help="z,y,x in mm")
@@ -401,7 +400,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="low,high HU, e.g. -1000,1000")
     parser.add_argument("--min-slices", type=int, default=defaults.min_slices)
     sizes = parser.add_mutually_exclusive_group()
-    sizes.add_argument("--records-per-shard", type=int, default=None)
+    sizes.add_argument("--records-per-shard", type=int, default=None,
+                       help="inputs per shard (fewer records where inputs fail)")
     sizes.add_argument("--shard-size-mb", type=float, default=256,
                        help="MiB of encoded records per shard (default 256)")
     parser.add_argument("--workers", type=int, default=None, help="default: all CPUs")
@@ -409,7 +409,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--volumes-dir", default=None,
                         help="volume folder below dataset/, e.g. train_fixed")
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace shards and manifest already in --out")
+                        help="replace shards and manifest already in --out (otherwise an "
+                             "unfinished run of the same command is resumed)")
     parser.add_argument("--no-progress", action="store_true")
     return parser
 
@@ -433,26 +434,35 @@ def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns 1 if any volume failed, 2 on a usage error, else 0."""
     parser = build_parser()
     args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
+    if args.ctrate_root and not args.split:
+        parser.error("--split is required with --ctrate-root")
+    if args.scans and (args.split or args.volumes_dir):
+        parser.error("--split and --volumes-dir belong to --ctrate-root, not --scans")
     start = time.perf_counter()
     try:
         config = PreprocessConfig(target_spacing_mm=args.target_spacing,
                                   target_shape=args.target_shape, hu_window=args.hu_window,
                                   min_slices=args.min_slices)
-        manifest = prepare_split(args.ctrate_root, args.split, args.out, config,
-                                 records_per_shard=args.records_per_shard,
-                                 shard_size_mb=args.shard_size_mb, workers=args.workers,
-                                 limit=args.limit, volumes_dir=args.volumes_dir,
-                                 overwrite=args.overwrite, progress=not args.no_progress)
+        common = dict(records_per_shard=args.records_per_shard,
+                      shard_size_mb=args.shard_size_mb, workers=args.workers,
+                      limit=args.limit, overwrite=args.overwrite,
+                      progress=not args.no_progress)
+        if args.scans:
+            manifest = prepare_scans(args.scans, args.out, config, **common)
+        else:
+            manifest = prepare_split(args.ctrate_root, args.split, args.out, config,
+                                     volumes_dir=args.volumes_dir, **common)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     seconds = time.perf_counter() - start
     for failure in manifest.failed:
         print(f"FAILED {failure['volume_name']}: {failure['reason']}", file=sys.stderr)
     attempted = manifest.num_records + len(manifest.failed)
-    print(f"{args.split}: prepared {manifest.num_records} of {attempted} volumes into "
+    excluded = f"; {len(manifest.excluded)} excluded" if manifest.excluded else ""
+    print(f"{manifest.split}: prepared {manifest.num_records} of {attempted} volumes into "
           f"{len(manifest.shards)} shards in {seconds:.1f} s "
-          f"({attempted / max(seconds, 1e-9):.2f} volumes/s); {len(manifest.failed)} failed; "
-          f"manifest {os.path.join(args.out, MANIFEST_NAME)}")
+          f"({attempted / max(seconds, 1e-9):.2f} volumes/s); {len(manifest.failed)} failed"
+          f"{excluded}; manifest {os.path.join(args.out, MANIFEST_NAME)}")
     return 1 if manifest.failed else 0
 
 

@@ -30,6 +30,8 @@ METADATA_DIR = "metadata"
 REPORTS_DIR = "radiology_text_reports"
 LABELS_DIR = "multi_abnormality_labels"
 _VOLUME_SUFFIXES = (".nii.gz", ".nii")
+# Volumes the release marks as not (only) chest CTs; left out of preparation on purpose.
+EXCLUSION_LIST = "no_chest_{split}.txt"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,6 +77,17 @@ def resolve_dataset_dir(ctrate_root: str) -> str:
         return root
     raise FileNotFoundError(
         f"{root} is not a CT-RATE release: expected {nested} or a {METADATA_DIR}/ folder in it")
+
+
+def default_volumes_dir(dataset_dir: str, split: str) -> str:
+    """``{split}_fixed`` (CT-RATE v2's re-headered volumes) if present, else ``{split}``.
+
+    The fixed files carry the HU scaling in their NIfTI headers; preparation detects
+    that and does not apply the CSV's RescaleSlope / RescaleIntercept a second time.
+    """
+    plain = _split_files(split)["volumes"]
+    fixed = f"{plain}_fixed"
+    return fixed if os.path.isdir(os.path.join(dataset_dir, fixed)) else plain
 
 
 def csv_paths(dataset_dir: str, split: str) -> dict[str, str]:
@@ -131,8 +144,8 @@ def list_volumes(ctrate_root: str, split: str, *,
     Args:
       ctrate_root: the release's ``dataset/`` folder or the folder containing it.
       split: "train" or "valid".
-      volumes_dir: folder of the volumes below ``dataset/`` when it is not the
-        split's default (e.g. "train_fixed" for the re-headered CT-RATE v2 files).
+      volumes_dir: folder of the volumes below ``dataset/``; by default
+        `default_volumes_dir` ("train_fixed" when the release has it, else "train").
     """
     dataset_dir = resolve_dataset_dir(ctrate_root)
     files = _split_files(split)
@@ -142,7 +155,7 @@ def list_volumes(ctrate_root: str, split: str, *,
     reports = read_csv_rows(paths["reports"], ("Findings_EN", "Impressions_EN"))
     labels = read_csv_rows(paths["labels"], ABNORMALITIES)
     volume_files = find_volume_files(
-        os.path.join(dataset_dir, volumes_dir or files["volumes"]))
+        os.path.join(dataset_dir, volumes_dir or default_volumes_dir(dataset_dir, split)))
 
     entries = []
     for name in sorted(volume_files):
@@ -154,6 +167,61 @@ def list_volumes(ctrate_root: str, split: str, *,
                 entry, error=f"{len(found)} files named {name}: {', '.join(found)}")
         entries.append(entry)
     return entries
+
+
+def exclusion_list_path(ctrate_root: str, split: str) -> str | None:
+    """The split's ``no_chest_{train,valid}.txt`` if the release has one.
+
+    Looked for in ``dataset/``, ``dataset/metadata/`` and the folder above ``dataset/``.
+    """
+    dataset_dir = resolve_dataset_dir(ctrate_root)
+    name = EXCLUSION_LIST.format(split=_split_files(split)["volumes"])
+    for folder in (dataset_dir, os.path.join(dataset_dir, METADATA_DIR),
+                   os.path.dirname(dataset_dir)):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def read_exclusion_list(path: str) -> set[str]:
+    """VolumeNames listed in an exclusion file, one a line.
+
+    A line may omit the ``.nii.gz`` ending; blank lines and ``#`` comments are
+    ignored.  A line that is not a VolumeName is a ValueError naming the file and line.
+    """
+    names = set()
+    with open(path, encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, 1):
+            text = line.split("#", 1)[0].strip().strip(",").strip("'\"")
+            if not text:
+                continue
+            if not text.endswith(_VOLUME_SUFFIXES):
+                text += ".nii.gz"
+            try:
+                names.add(_stem(parse_volume_name(text).volume_name))
+            except ValueError as error:
+                raise ValueError(f"{path}, line {number}: {error}") from None
+    return names
+
+
+def excluded_volumes(entries: Iterable[VolumeEntry], ctrate_root: str,
+                     split: str) -> dict[str, str]:
+    """VolumeName -> reason, for the entries the split's exclusion list names."""
+    path = exclusion_list_path(ctrate_root, split)
+    if path is None:
+        return {}
+    listed = read_exclusion_list(path)
+    reason = f"listed in {os.path.basename(path)} (not a chest CT): {path}"
+    return {entry.volume_name: reason for entry in entries
+            if _stem(entry.volume_name) in listed}
+
+
+def _stem(volume_name: str) -> str:
+    for suffix in _VOLUME_SUFFIXES:
+        if volume_name.endswith(suffix):
+            return volume_name[:-len(suffix)]
+    return volume_name
 
 
 # ----------------------------------------------------------------------------------

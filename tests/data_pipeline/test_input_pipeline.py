@@ -151,3 +151,120 @@ def test_bad_record_skipped_is_replaced_and_marked(config, shards_with_a_bad_rec
     assert volume_name not in names  # its place was taken by the next readable record
     with pytest.raises(ValueError, match="bad_records"):
         input_pipeline.RecordToExample(None, ("findings",), (-1000, 1000), bad_records="drop")
+
+
+# ----------------------------------------------------------------------------------
+# Augmentation, hosts, worker processes
+# ----------------------------------------------------------------------------------
+
+from data_pipeline.augment import VolumeAugmentation  # noqa: E402
+
+AUGMENT = VolumeAugmentation(crop_shape=(6, 12, 12), flip_axes=(0, 1), intensity_scale=0.1,
+                             intensity_shift=0.05)
+
+
+def _batches(config, count, **kwargs):
+    iterator = iter(input_pipeline.make_train_dataset(config, **kwargs))
+    return [next(iterator) for _ in range(count)]
+
+
+def _records_by_name(shard_dir):
+    from data_pipeline.prepare import read_records
+
+    return {r.volume_name: r for r in read_records(shard_dir)}
+
+
+def test_augmentation_is_off_by_default_and_changes_nothing_when_empty(config):
+    plain = _batches(config, 2)
+    empty = _batches(dataclasses.replace(config, augmentation=VolumeAugmentation()), 2)
+    for want, got in zip(plain, empty):
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_augmentation_crops_flips_and_jitters_deterministically(config):
+    augmented = dataclasses.replace(config, augmentation=AUGMENT)
+    first, again, plain = _batches(augmented, 3), _batches(augmented, 3), _batches(config, 3)
+    records = _records_by_name(config.shard_dir)
+    flips = set()
+    for batch, repeat, reference in zip(first, again, plain):
+        for key in batch:  # same seed, same records: same augmentation
+            np.testing.assert_array_equal(batch[key], repeat[key])
+        # Augmentation draws after the text, so the texts are untouched.
+        np.testing.assert_array_equal(batch["input_ids"], reference["input_ids"])
+        assert batch["volume"].shape == (4, 6, 12, 12)
+        for name, volume in zip(batch["volume_name"], batch["volume"]):
+            original = input_pipeline.normalise_hu(records[str(name)].volume_hu)
+            match = _find_window(original, volume)
+            assert match is not None, f"{name}: not a flipped crop of its record"
+            flips.add(match)
+    assert len(flips) > 1  # the flips are random
+
+
+def _find_window(original, volume):
+    """(flip d, flip h) of the crop of `original` that `volume` is an affine image of."""
+    d, h, w = volume.shape
+    for flip_d in (False, True):
+        for flip_h in (False, True):
+            flipped = original[::-1 if flip_d else 1, ::-1 if flip_h else 1]
+            for z in range(original.shape[0] - d + 1):
+                for y in range(original.shape[1] - h + 1):
+                    for x in range(original.shape[2] - w + 1):
+                        window = flipped[z:z + d, y:y + h, x:x + w].ravel()
+                        inside = np.abs(volume.ravel()) < 0.999  # not clipped by the jitter
+                        if window[inside].std() == 0:
+                            continue
+                        scale, shift = np.polyfit(window[inside], volume.ravel()[inside], 1)
+                        if (abs(scale - 1) <= 0.1 + 1e-4 and abs(shift) <= 0.05 + 1e-4
+                                and np.allclose(window[inside] * scale + shift,
+                                                volume.ravel()[inside], atol=1e-5)):
+                            return flip_d, flip_h
+    return None
+
+
+def test_evaluation_takes_the_centre_crop(config):
+    augmented = dataclasses.replace(config, augmentation=AUGMENT)
+    batch = next(input_pipeline.iterate_eval_batches(augmented))
+    records = _records_by_name(config.shard_dir)
+    name, volume = str(batch["volume_name"][0]), batch["volume"][0]
+    np.testing.assert_array_equal(
+        volume, input_pipeline.normalise_hu(records[name].volume_hu[1:7, 2:14, 2:14]))
+
+
+def test_iterator_state_round_trip_with_augmentation(config):
+    augmented = dataclasses.replace(config, augmentation=AUGMENT)
+    iterator = iter(input_pipeline.make_train_dataset(augmented))
+    next(iterator)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(2)]
+    resumed = iter(input_pipeline.make_train_dataset(augmented))
+    resumed.set_state(state)
+    for want in expected:
+        np.testing.assert_array_equal(want["volume"], next(resumed)["volume"])
+
+
+def test_two_hosts_are_disjoint_and_complete_over_an_epoch(config):
+    count = sum(s.num_records for s in Manifest.load(config.shard_dir).shards)
+    steps = count // config.global_batch_size
+    hosts = [[str(n) for b in _batches(config, steps, process_index=i, process_count=2)
+              for n in b["volume_name"]] for i in range(2)]
+    assert len(hosts[0]) == len(hosts[1]) == steps * config.global_batch_size // 2
+    assert not set(hosts[0]) & set(hosts[1])
+    everything = set(hosts[0]) | set(hosts[1])
+    assert len(everything) == steps * config.global_batch_size  # each record once
+    all_names = {n for s in Manifest.load(config.shard_dir).shards for n in s.volume_names}
+    assert everything <= all_names and len(all_names - everything) == count % \
+        config.global_batch_size
+
+
+@pytest.mark.slow
+def test_worker_processes_give_the_same_batches(config):
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()  # grain's worker processes read absl flags
+    threads = _batches(config, 3)
+    processes = _batches(dataclasses.replace(config, num_workers=2), 3)
+    for want, got in zip(threads, processes):
+        for key in want:
+            np.testing.assert_array_equal(want[key], got[key])

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from data_pipeline import schema
-from data_pipeline.prepare import Manifest, encode_volume, main, prepare_split, read_records
+from data_pipeline.prepare import Manifest, main, prepare_split, read_records
 from data_pipeline.preprocess import PreprocessConfig, preprocess_volume
 from data_pipeline.release import list_volumes
 
@@ -207,8 +207,9 @@ def test_two_workers_write_identical_shards(release, prepared, tmp_path):
 
 
 def test_clean_run_exits_zero_and_cuts_shards_by_size(release, tmp_path, capsys):
-    sizes = [len(encode_volume(entry, CONFIG)) for entry in list_volumes(release, "train")[:3]]
-    two_and_a_half_mib = (sizes[0] + sizes[1] + sizes[2] / 2) / 2**20
+    # Shards hold as many target-size volumes (int16 voxels) as fit in --shard-size-mb.
+    voxel_bytes = 2 * int(np.prod(CONFIG.target_shape))
+    two_and_a_half_mib = 2.5 * voxel_bytes / 2**20
     status = main(["--ctrate-root", release, "--split", "train", "--out", str(tmp_path),
                    "--target-shape", "12,16,14", "--min-slices", "6", "--limit", "3",
                    "--shard-size-mb", repr(two_and_a_half_mib), "--workers", "1",
@@ -220,9 +221,14 @@ def test_clean_run_exits_zero_and_cuts_shards_by_size(release, tmp_path, capsys)
 
 
 def test_existing_output_is_not_overwritten_silently(release, tmp_path):
-    prepare_split(release, "train", str(tmp_path), CONFIG, workers=1, limit=1, progress=False)
-    with pytest.raises(FileExistsError, match="overwrite"):
-        prepare_split(release, "train", str(tmp_path), CONFIG, workers=1, limit=1,
+    first = prepare_split(release, "train", str(tmp_path), CONFIG, workers=1, limit=1,
+                          progress=False)
+    # The same command again finds its own finished work and returns it untouched.
+    again = prepare_split(release, "train", str(tmp_path), CONFIG, workers=1, limit=1,
+                          progress=False)
+    assert again.created == first.created and again.shards == first.shards
+    with pytest.raises(FileExistsError, match="overwrite"):  # other inputs: refused
+        prepare_split(release, "train", str(tmp_path), CONFIG, workers=1, limit=2,
                       progress=False)
     manifest = prepare_split(release, "train", str(tmp_path), CONFIG, workers=1, limit=2,
                              overwrite=True, progress=False)
