@@ -293,3 +293,31 @@ def test_parity_with_peft(tmp_path):
     with torch.no_grad():
         expected_merged = peft_model.merge_and_unload()(torch.from_numpy(x)).numpy()
     np.testing.assert_allclose(merged(jnp.asarray(x)), expected_merged, rtol=1e-4, atol=1e-5)
+
+
+def test_lora_params_follow_the_base_layer_sharding_and_dropout():
+    from ct_rate_jax import sharding
+    from ct_rate_jax.models import layers
+
+    class Attn(nnx.Module):
+        def __init__(self, rngs):
+            self.q_proj = layers.linear(8, 16, ("embed", "heads"), rngs=rngs)
+
+    model = Attn(nnx.Rngs(0))
+    lora.apply_lora(model, ["q_proj"], rank=4, alpha=8, rngs=nnx.Rngs(params=1, dropout=2),
+                    dropout=0.5)
+    shardings = sharding.state_shardings(nnx.state(model), sharding.make_mesh(2, 2, 2))
+    flat = {path: s.get_value() if isinstance(s, nnx.Variable) else s
+            for path, s in nnx.to_flat_state(shardings)}
+    spec = lambda *p: tuple(flat[p].spec)  # noqa: E731
+    assert spec("q_proj", "base", "kernel") == ("fsdp", "tensor")
+    assert spec("q_proj", "lora_a") == ("fsdp", None)
+    assert spec("q_proj", "lora_b") == (None, "tensor")
+    _randomise_lora_b(model)
+    x = jnp.ones((2, 8))
+    layer = model.q_proj
+    assert not np.allclose(layer(x), layer(x))  # dropout on the LoRA branch in training
+    layer.eval()
+    merged = nnx.clone(model)
+    lora.merge_lora(merged)
+    np.testing.assert_allclose(layer(x), merged.q_proj(x), rtol=1e-5, atol=1e-5)

@@ -106,3 +106,15 @@ def test_encoding_round_trip(tmp_path):
         load_encoding(tmp_path / "bad.npz")
     with pytest.raises(FileNotFoundError, match="missing.npz"):
         load_encoding(tmp_path / "missing.npz")
+
+
+def test_projector_shards_its_llm_width_like_the_llm():
+    from ct_rate_jax import sharding
+    model = Projector(ProjectorConfig(16, mm_hidden_size=8, mm_context_size=8, n_queries=4,
+                                      n_heads=2), rngs=nnx.Rngs(0))
+    shardings = sharding.state_shardings(nnx.state(model), sharding.make_mesh(2, 2, 2))
+    flat = {path: s.get_value() if isinstance(s, nnx.Variable) else s
+            for path, s in nnx.to_flat_state(shardings)}
+    assert tuple(flat[("proj", 0, "kernel")].spec) == (None, "fsdp")
+    assert tuple(flat[("proj", 1, "kernel")].spec) == ("tensor", "fsdp")
+    assert tuple(flat[("attn_pool", "to_kv", "kernel")].spec) in ((), (None, None))
