@@ -238,7 +238,8 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 def load_projector(path: str | os.PathLike, config: ProjectorConfig, *,
                    rngs: nnx.Rngs | None = None, dtype: Any = None) -> Projector:
-    """A Projector with the weights of an official `mm_projector.bin` / `non_lora_trainables.bin`."""
+    """A Projector holding the weights of an official `mm_projector.bin` or
+    `non_lora_trainables.bin`."""
     model = Projector(config, rngs=rngs or nnx.Rngs(0), dtype=dtype)
     return projector_from_state_dict(model, read_torch_state_dict(path))
 
@@ -246,6 +247,12 @@ def load_projector(path: str | os.PathLike, config: ProjectorConfig, *,
 # ----------------------------------------------------------------------------------
 # Precomputed encodings
 # ----------------------------------------------------------------------------------
+
+
+def encoding_path(folder: str | os.PathLike, image: str) -> str:
+    """Where the original looks for a record's encoding: `image` (a VolumeName such as
+    "train_1_a_1.nii.gz") with ".nii.gz" replaced by ".npz", inside `folder`."""
+    return os.path.join(folder, image.replace(".nii.gz", ".npz"))
 
 
 def load_encoding(path: str | os.PathLike, context_size: int | None = None) -> np.ndarray:

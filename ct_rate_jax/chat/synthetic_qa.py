@@ -150,7 +150,8 @@ def _multiple_choice(facts, rng, count) -> list[ChatRecord]:
         return []
     records = []
     for n in range(count):
-        options = [int(rng.choice(present))] + [int(i) for i in rng.choice(absent, 3, replace=False)]
+        distractors = rng.choice(absent, 3, replace=False)
+        options = [int(rng.choice(present))] + [int(i) for i in distractors]
         order = rng.permutation(4)
         options = [options[k] for k in order]
         letters = "abcd"

@@ -214,7 +214,8 @@ def test_adapter_files_against_numpy(tmp_path):
     np.testing.assert_allclose(merged(jnp.asarray(x)), expected, rtol=1e-4, atol=1e-5)
     plain = np.asarray(TinyLM(nnx.Rngs(0)).layers[0].q_proj.kernel[...])
     np.testing.assert_allclose(merged_kernel(plain, loaded["layers.0.q_proj"]),
-                               np.asarray(merged.layers[0].q_proj.kernel[...]), rtol=1e-6, atol=1e-6)
+                               np.asarray(merged.layers[0].q_proj.kernel[...]),
+                               rtol=1e-6, atol=1e-6)
 
 
 def test_adapter_errors(tmp_path):

@@ -94,9 +94,12 @@ def test_config_variants_and_errors():
 
 
 def test_encoding_round_trip(tmp_path):
+    from ct_rate_jax.chat.projector import encoding_path
     tokens = np.random.default_rng(0).normal(size=(2, 3, 3, 16)).astype(np.float32)
-    save_encoding(tmp_path / "train_1_a_1.npz", tokens)
-    loaded = load_encoding(tmp_path / "train_1_a_1.npz", context_size=16)
+    path = encoding_path(tmp_path, "train_1_a_1.nii.gz")
+    assert path == str(tmp_path / "train_1_a_1.npz")
+    save_encoding(path, tokens)
+    loaded = load_encoding(path, context_size=16)
     assert loaded.shape == (1, 2, 3, 3, 16)
     np.testing.assert_array_equal(loaded[0], tokens)
     with pytest.raises(ValueError, match="mm_context_size 512"):
@@ -118,3 +121,4 @@ def test_projector_shards_its_llm_width_like_the_llm():
     assert tuple(flat[("proj", 0, "kernel")].spec) == (None, "fsdp")
     assert tuple(flat[("proj", 1, "kernel")].spec) == ("tensor", "fsdp")
     assert tuple(flat[("attn_pool", "to_kv", "kernel")].spec) in ((), (None, None))
+
