@@ -53,6 +53,23 @@ IGNORE_INDEX = -100  # label of a position without loss (PyTorch cross-entropy's
 IMAGE_PLACEHOLDER_ID = -200  # input id marking where the visual tokens go (as LLaVA)
 ROLES = {"human": "user", "gpt": "assistant"}
 
+# The prompt layout CT-CHAT's Llama 3.1 models were trained with, as a chat template for
+# `tokenizer.chat_template`.  Their script asks for the conversation version "llama3_1",
+# which LLaVA does not know and replaces by its "llama3" conversation: a system header and
+# the system text, then header + message + <|eot_id|> per turn, messages not trimmed.  The
+# original's system text starts with "<|begin_of_text|>" and its tokenisation adds one
+# more, so the sequence starts with two; kept for parity with the released weights.  The
+# system prompt itself (CT-CHAT's long instructions in llava/conversation.py) is the
+# user's to pass as a system message; without one the system text is empty.
+LLAVA_LLAMA3_TEMPLATE = (
+    "{{ bos_token }}{{ bos_token }}<|start_header_id|>system<|end_header_id|>\n\n"
+    "{% set turns = messages %}"
+    "{% if messages and messages[0]['role'] == 'system' %}{{ messages[0]['content'] }}"
+    "{% set turns = messages[1:] %}{% endif %}<|eot_id|>"
+    "{% for m in turns %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}")
+
 
 @dataclasses.dataclass(frozen=True)
 class Turn:

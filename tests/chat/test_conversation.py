@@ -164,3 +164,27 @@ def test_visual_tokens_are_spliced_in_place(tokenizer):
     merged = np.asarray(insert_visual_tokens(text, visual, jnp.asarray(batch["visual_mask"])))
     np.testing.assert_array_equal(merged[:, at:at + 3], np.asarray(visual))
     assert not merged[:, :at].any() and not merged[:, at + 3:].any()
+
+
+def test_llava_llama3_template_reproduces_the_original_prompt(tokenizer):
+    """The string LLaVA's "llama3" Conversation.get_prompt builds (system text prefixed with
+    <|begin_of_text|>, MPT separators), plus the BOS its tokenisation adds."""
+    import copy
+    llava = copy.copy(tokenizer)
+    llava.chat_template = conv.LLAVA_LLAMA3_TEMPLATE
+    record = conv.parse_record(_record())
+    messages = conv.to_messages(record, system_prompt=". You are a radiology assistant.")
+    chat = conv.tokenize_chat(llava, messages)
+    system = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"
+              ". You are a radiology assistant.")
+    roles = ("<|start_header_id|>user<|end_header_id|>\n\n",
+             "<|start_header_id|>assistant<|end_header_id|>\n\n")
+    expected = "<|begin_of_text|>" + system + "<|eot_id|>" + "".join(
+        roles[i % 2] + m["content"] + "<|eot_id|>" for i, m in enumerate(messages[1:]))
+    assert chat.text == expected
+    assert chat.input_ids[:2].tolist() == [tokenizer.bos_token_id] * 2
+    assert [tokenizer.decode(a) for a in _segments(chat.labels, chat.loss_mask)] == [
+        "Yes.<|eot_id|>", "No pleural effusion.<|eot_id|>"]
+    prompt = conv.tokenize_chat(llava, messages[:2], add_generation_prompt=True)
+    assert prompt.text == (system.join(["<|begin_of_text|>", "<|eot_id|>"]) + roles[0]
+                           + messages[1]["content"] + "<|eot_id|>" + roles[1])
