@@ -196,12 +196,19 @@ def merged_kernel(kernel_io: np.ndarray, weights: LoRAWeights) -> np.ndarray:
     return (np.asarray(kernel_io, np.float32) + weights.delta_kernel()).astype(kernel_io.dtype)
 
 
+def dotted_path(name: str) -> tuple[str | int, ...]:
+    """'model.layers.0.self_attn.q_proj' -> ('model', 'layers', 0, 'self_attn', 'q_proj'):
+    the nnx path of a module whose attribute names follow the Hugging Face model's."""
+    return tuple(int(part) if part.isdigit() else part for part in name.split("."))
+
+
 def assign_lora(model: nnx.Module, weights: Mapping[str, LoRAWeights],
-                module_path: Callable[[str], Sequence[Any]]) -> None:
+                module_path: Callable[[str], Sequence[Any]] = dotted_path) -> None:
     """Copies adapter weights into the model's `LoRALinear` layers, in place.
 
-    `module_path` maps a PEFT module name to the nnx path of the wrapped layer (e.g.
-    'model.layers.0.self_attn.q_proj' -> ('layers', 0, 'self_attn', 'q_proj')).  Every
+    `module_path` maps a PEFT module name to the nnx path of the wrapped layer; the
+    default `dotted_path` fits a model named like the Hugging Face one (as
+    `ct_rate_jax.models.llm`: 'model.layers.0.self_attn.q_proj').  Every
     target is checked (exists, is a LoRALinear, shapes and scaling agree) before
     anything is written; all problems are reported at once.
     """

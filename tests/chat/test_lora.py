@@ -11,8 +11,8 @@ import pytest
 from flax import nnx
 
 from ct_rate_jax.chat import lora
-from ct_rate_jax.chat.peft_adapter import (assign_lora, load_adapter, merged_kernel,
-                                           parse_lora_key)
+from ct_rate_jax.chat.peft_adapter import (assign_lora, dotted_path, load_adapter,
+                                           merged_kernel, parse_lora_key)
 
 
 class Block(nnx.Module):
@@ -152,8 +152,7 @@ def test_parse_lora_key():
         parse_lora_key("base_model.model.model.embed_tokens.lora_embedding_A")
 
 
-def _path_of(name):
-    return tuple(int(p) if p.isdigit() else p for p in name.split("."))
+_path_of = dotted_path
 
 
 def _write_peft_style_adapter(directory, weights_by_module, config):
@@ -185,7 +184,7 @@ def test_adapter_files_against_numpy(tmp_path):
 
     lora.apply_lora(model, r"layers\.0\.q_proj", rank=4, alpha=8, rngs=nnx.Rngs(1))
     lora.apply_lora(model, r"layers\.1\.v_proj", rank=2, alpha=6, rngs=nnx.Rngs(1))
-    assign_lora(model, loaded, _path_of)
+    assign_lora(model, loaded)  # PEFT names are our paths here: the default mapping
 
     x = rng.normal(size=(3, 6)).astype(np.float32)
     merged = nnx.clone(model)
