@@ -1,6 +1,7 @@
 """CT-CHAT projector: parity with the official PyTorch module, weight I/O, encodings."""
 
 import json
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +14,13 @@ from ct_rate_jax.chat.projector import (Projector, ProjectorConfig, load_encodin
                                         projector_to_state_dict, save_encoding)
 from ct_rate_jax.models.weight_io import StateDictMismatchError
 
-FIXTURE = "official_ctchat_projector_tiny"
+FIXTURE = pathlib.Path(__file__).parents[1] / "fixtures" / "official_ctchat_projector_tiny"
 
 
 @pytest.fixture(scope="module")
-def official(request):
+def official():
     pytest.importorskip("torch")
-    directory = request.config.rootpath / "tests" / "fixtures" / FIXTURE
+    directory = FIXTURE
     config = ProjectorConfig.from_llava_config(
         json.loads((directory / "projector_config_A.json").read_text()))
     model = load_projector(directory / "mm_projector_A.bin", config)
