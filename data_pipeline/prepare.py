@@ -3,7 +3,8 @@
     python -m data_pipeline.prepare --ctrate-root DIR --split train --out SHARD_DIR \
         [--target-spacing 1.5,0.75,0.75] [--target-shape 240,480,480] \
         [--hu-window -1000,1000] [--records-per-shard N | --shard-size-mb M] \
-        [--workers N] [--limit N] [--volumes-dir train_fixed] [--overwrite]
+        [--workers N] [--limit N] [--volumes-dir train_fixed] [--overwrite] \
+        [--runner beam [-- BEAM_PIPELINE_OPTIONS]]
 
 Each volume is read, converted to HU, resampled, clipped, rounded and cropped or
 padded (`data_pipeline.preprocess`) in a process pool; workers receive the file
@@ -411,6 +412,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace shards and manifest already in --out")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--runner", choices=("local", "beam"), default="local",
+                        help="local: worker processes on this machine; beam: an Apache Beam "
+                             "pipeline (data_pipeline/beam_prepare.py) with the Beam "
+                             "pipeline options given after '--'")
     return parser
 
 
@@ -432,17 +437,32 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns 1 if any volume failed, 2 on a usage error, else 0."""
     parser = build_parser()
-    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Beam pipeline options (which have their own --runner) follow a "--".
+    beam_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    args = parser.parse_args(_attach_negative_values(argv))
+    if beam_args and args.runner != "beam":
+        parser.error("options after '--' are Beam pipeline options; they need --runner beam")
     start = time.perf_counter()
     try:
         config = PreprocessConfig(target_spacing_mm=args.target_spacing,
                                   target_shape=args.target_shape, hu_window=args.hu_window,
                                   min_slices=args.min_slices)
-        manifest = prepare_split(args.ctrate_root, args.split, args.out, config,
-                                 records_per_shard=args.records_per_shard,
-                                 shard_size_mb=args.shard_size_mb, workers=args.workers,
-                                 limit=args.limit, volumes_dir=args.volumes_dir,
-                                 overwrite=args.overwrite, progress=not args.no_progress)
+        if args.runner == "beam":
+            from data_pipeline.beam_prepare import prepare_split_beam
+
+            manifest = prepare_split_beam(
+                args.ctrate_root, args.split, args.out, config,
+                records_per_shard=args.records_per_shard, shard_size_mb=args.shard_size_mb,
+                limit=args.limit, volumes_dir=args.volumes_dir, overwrite=args.overwrite,
+                workers=args.workers, pipeline_args=beam_args)
+        else:
+            manifest = prepare_split(args.ctrate_root, args.split, args.out, config,
+                                     records_per_shard=args.records_per_shard,
+                                     shard_size_mb=args.shard_size_mb, workers=args.workers,
+                                     limit=args.limit, volumes_dir=args.volumes_dir,
+                                     overwrite=args.overwrite, progress=not args.no_progress)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     seconds = time.perf_counter() - start
