@@ -18,12 +18,13 @@ volume files with the CSVs and the good inputs, in VolumeName order, are cut
 into consecutive groups of `records_per_shard` (or as many target-size volumes
 as fit in `shard_size_mb`), one group per shard.  The pipeline is
 
-    Create(groups) | Reshuffle | ParDo(_WriteShard)
+    Create(group indices) | Reshuffle | Map(write_group)
 
-where `_WriteShard` prepares each volume of its group with `prepare.encode_volume`
-(the project's one preprocessing) and writes the records, in order, into a
-temporary ArrayRecord file with `prepare.WRITER_OPTIONS`; then it writes a small
-completion file (``.beam_prepare/<group>.json``: the temporary file's name, size,
+(the groups are saved in ``.beam_prepare/plan.json``, the pipeline carries their
+indices), where `write_group` prepares each volume of its group with
+`prepare.encode_volume` (the project's one preprocessing) and writes the records,
+in order, into a temporary ArrayRecord file with `prepare.WRITER_OPTIONS`; then
+it writes a small completion file (``.beam_prepare/<group>.json``: the temporary file's name, size,
 sha256, the names written and the inputs that failed).  Beam may run a bundle
 more than once (retries, speculative execution); every attempt writes its own
 temporary file and the identical completion content, so whichever attempt's
@@ -34,8 +35,9 @@ all failed give no shard), deletes the other attempts' files and writes
 record and each bad one exactly one ``failed`` entry.
 
 A rerun of the same command after a crash or kill keeps the groups whose
-completion file is there and whose file still has its recorded size and sha256
-for the same inputs and settings, and runs only the rest.
+completion file is there, for the same inputs and settings, and whose file still
+has its recorded size (not re-hashed: that would read the whole dataset on the
+launching machine), and runs only the rest.
 
 Paths are ordinary file paths: on a cluster, the release and `--out` must be on
 a file system that every worker mounts (NFS, Filestore, a GCS FUSE mount), since
@@ -46,6 +48,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import functools
 import glob
 import hashlib
 import json
@@ -55,7 +58,7 @@ import shutil
 import uuid
 from typing import Sequence
 
-from data_pipeline import prepare
+from data_pipeline import prepare, schema
 from data_pipeline.preprocess import PreprocessConfig
 from data_pipeline.release import VolumeEntry, list_volumes
 
@@ -99,7 +102,7 @@ def plan_groups(split: str, entries: Sequence[VolumeEntry], per_shard: int,
         description = json.dumps({
             "split": split, "preprocessing": config.to_dict(),
             "writer_options": prepare.WRITER_OPTIONS,
-            "record_format_version": prepare.schema.RECORD_FORMAT_VERSION,
+            "record_format_version": schema.RECORD_FORMAT_VERSION,
             "inputs": [[entry.volume_name, entry.path] for entry in members]},
             sort_keys=True)
         groups.append(ShardGroup(index, members,
@@ -169,7 +172,7 @@ def write_group(group: ShardGroup, out_dir: str, split: str,
 
 
 def _completed(out_dir: str, group: ShardGroup) -> dict | None:
-    """The group's completion if it is for the same plan and its file verifies."""
+    """The group's completion if it is for the same plan and its file has its size."""
     try:
         with open(_completion_path(out_dir, group), encoding="utf-8") as handle:
             completion = json.load(handle)
@@ -178,9 +181,10 @@ def _completed(out_dir: str, group: ShardGroup) -> dict | None:
     if completion.get("plan_key") != group.plan_key or completion.get("inputs") != group.names:
         return None
     if completion["tmp_file"] is not None:
+        # Size only: hashing every shard again here would read the whole dataset on
+        # the launching machine; the workers hashed each file once, as written.
         path = os.path.join(out_dir, PROGRESS_DIR, os.path.basename(completion["tmp_file"]))
-        if (not os.path.isfile(path) or os.path.getsize(path) != completion["bytes"]
-                or _sha256(path) != completion["sha256"]):
+        if not os.path.isfile(path) or os.path.getsize(path) != completion["bytes"]:
             return None
     return completion
 
@@ -209,21 +213,64 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
         os.makedirs(os.path.join(out_dir, PROGRESS_DIR))
 
 
+def _plan_path(out_dir: str) -> str:
+    return os.path.join(out_dir, PROGRESS_DIR, "plan.json")
+
+
+def save_plan(out_dir: str, groups: Sequence[ShardGroup]) -> tuple[str, str]:
+    """Writes the groups to ``.beam_prepare/plan.json``; returns (its path, run id).
+
+    The pipeline then carries only group indices: 50k entries with their metadata
+    rows are tens of MB, more than a runner's job graph should hold.
+    """
+    path = _plan_path(out_dir)
+    run = uuid.uuid4().hex
+    _write_json_atomically(path, {"run": run, "groups": [
+        {"index": g.index, "plan_key": g.plan_key,
+         "entries": [dataclasses.asdict(e) for e in g.entries]} for g in groups]})
+    return path, run
+
+
+@functools.lru_cache(maxsize=2)
+def _load_plan(path: str, run: str) -> dict[int, ShardGroup]:
+    """The plan saved by run `run`, read once per worker process and run."""
+    with open(path, encoding="utf-8") as handle:
+        data = json.load(handle)
+    if data["run"] != run:
+        raise RuntimeError(f"{path} was replaced by another run ({data['run']}, not {run}); "
+                           f"two preparations write to the same folder")
+    return {g["index"]: ShardGroup(g["index"], tuple(_entry(e) for e in g["entries"]),
+                                   g["plan_key"]) for g in data["groups"]}
+
+
+def _entry(data: dict) -> VolumeEntry:
+    for key in ("spacing_zyx", "labels"):
+        if data.get(key) is not None:
+            data[key] = tuple(data[key])
+    return VolumeEntry(**data)
+
+
+def _write_planned_group(index: int, plan_path: str, run: str, out_dir: str, split: str,
+                         config: PreprocessConfig) -> dict:
+    return write_group(_load_plan(plan_path, run)[index], out_dir, split, config)
+
+
 def run_pipeline(groups: Sequence[ShardGroup], out_dir: str, split: str,
                  config: PreprocessConfig, pipeline_args: Sequence[str]) -> None:
     """Writes every group with Beam (`pipeline_args` are Beam's PipelineOptions)."""
     import apache_beam as beam
     from apache_beam.options.pipeline_options import PipelineOptions
 
+    plan_path, run = save_plan(out_dir, groups)
     options = PipelineOptions(list(pipeline_args))
     with beam.Pipeline(options=options) as pipeline:
         _ = (pipeline
-             | "Plan" >> beam.Create(list(groups))
+             | "Plan" >> beam.Create([group.index for group in groups])
              # One group per element and a Reshuffle so runners spread the groups
              # over workers instead of fusing them with Create on one worker.
              | "Spread" >> beam.Reshuffle()
-             | "WriteShards" >> beam.Map(write_group, out_dir=out_dir, split=split,
-                                         config=config))
+             | "WriteShards" >> beam.Map(_write_planned_group, plan_path=plan_path, run=run,
+                                         out_dir=out_dir, split=split, config=config))
 
 
 def prepare_split_beam(ctrate_root: str, split: str, out_dir: str,

@@ -91,10 +91,15 @@ def test_rerun_after_a_kill_writes_only_the_unfinished_shards(release, monkeypat
     out = str(release["root"] / "beam_resume" / "train")
     entries = [e for e in list_volumes(release["release"], "train") if e.ok]
     groups = beam_prepare.plan_groups("train", entries, 2, CONFIG)
-    # The killed run had completed group 1 (and left a half-written file of group 0).
-    os.makedirs(os.path.join(out, beam_prepare.PROGRESS_DIR))
+    # The killed run had completed groups 1 and 2 (but group 2's file was damaged since)
+    # and left a half-written file of group 0.
+    progress = os.path.join(out, beam_prepare.PROGRESS_DIR)
+    os.makedirs(progress)
     kept = beam_prepare.write_group(groups[1], out, "train", CONFIG)
-    with open(os.path.join(out, beam_prepare.PROGRESS_DIR, "train-group-00000.x.tmp"), "wb"):
+    damaged = beam_prepare.write_group(groups[2], out, "train", CONFIG)
+    with open(os.path.join(progress, damaged["tmp_file"]), "r+b") as handle:
+        handle.truncate(damaged["bytes"] // 2)
+    with open(os.path.join(progress, "train-group-00000.x.tmp"), "wb"):
         pass
     ran = []
     real_run = beam_prepare.run_pipeline
