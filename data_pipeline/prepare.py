@@ -3,8 +3,9 @@
     python -m data_pipeline.prepare --ctrate-root DIR --split train --out SHARD_DIR \
         [--target-spacing 1.5,0.75,0.75] [--target-shape 240,480,480] \
         [--hu-window -1000,1000] [--records-per-shard N | --shard-size-mb M] \
-        [--workers N] [--limit N] [--volumes-dir train_fixed] [--overwrite]
-    python -m data_pipeline.prepare --scans PATH --out SHARD_DIR [same options]
+        [--workers N] [--limit N] [--volumes-dir train_fixed] [--overwrite] \
+        [--runner beam [-- BEAM_PIPELINE_OPTIONS]]
+    python -m data_pipeline.prepare --scans PATH --out SHARD_DIR [same options, local runner]
 
 Each volume is read, converted to HU, resampled, clipped, rounded and cropped or
 padded (`data_pipeline.preprocess`) in a process pool; workers receive the file
@@ -412,6 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                         help="replace shards and manifest already in --out (otherwise an "
                              "unfinished run of the same command is resumed)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--runner", choices=("local", "beam"), default="local",
+                        help="local: worker processes on this machine; beam: an Apache Beam "
+                             "pipeline (data_pipeline/beam_prepare.py) with the Beam "
+                             "pipeline options given after '--'")
     return parser
 
 
@@ -433,11 +438,19 @@ def _attach_negative_values(argv: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line; returns 1 if any volume failed, 2 on a usage error, else 0."""
     parser = build_parser()
-    args = parser.parse_args(_attach_negative_values(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Beam pipeline options (which have their own --runner) follow a "--".
+    beam_args = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[:argv.index("--")] if "--" in argv else argv
+    args = parser.parse_args(_attach_negative_values(argv))
     if args.ctrate_root and not args.split:
         parser.error("--split is required with --ctrate-root")
     if args.scans and (args.split or args.volumes_dir):
         parser.error("--split and --volumes-dir belong to --ctrate-root, not --scans")
+    if args.scans and args.runner == "beam":
+        parser.error("--scans runs locally; --runner beam prepares a CT-RATE release")
+    if beam_args and args.runner != "beam":
+        parser.error("options after '--' are Beam pipeline options; they need --runner beam")
     start = time.perf_counter()
     try:
         config = PreprocessConfig(target_spacing_mm=args.target_spacing,
@@ -445,13 +458,20 @@ def main(argv: list[str] | None = None) -> int:
                                   min_slices=args.min_slices)
         common = dict(records_per_shard=args.records_per_shard,
                       shard_size_mb=args.shard_size_mb, workers=args.workers,
-                      limit=args.limit, overwrite=args.overwrite,
-                      progress=not args.no_progress)
-        if args.scans:
-            manifest = prepare_scans(args.scans, args.out, config, **common)
+                      limit=args.limit, overwrite=args.overwrite)
+        if args.runner == "beam":
+            from data_pipeline.beam_prepare import prepare_split_beam
+
+            manifest = prepare_split_beam(args.ctrate_root, args.split, args.out, config,
+                                          volumes_dir=args.volumes_dir, pipeline_args=beam_args,
+                                          **common)
+        elif args.scans:
+            manifest = prepare_scans(args.scans, args.out, config,
+                                     progress=not args.no_progress, **common)
         else:
             manifest = prepare_split(args.ctrate_root, args.split, args.out, config,
-                                     volumes_dir=args.volumes_dir, **common)
+                                     volumes_dir=args.volumes_dir,
+                                     progress=not args.no_progress, **common)
     except (FileNotFoundError, FileExistsError, ValueError) as error:
         parser.exit(2, f"error: {error}\n")
     seconds = time.perf_counter() - start
