@@ -22,7 +22,9 @@ shards whose completion record and checksum verify and writes the others again:
 it ends with exactly one record per good input.  The manifest (`manifest.json`,
 see `Manifest`) is written last, through a temporary file and a rename.  Bad
 inputs are listed in the manifest's ``failed`` list and make the exit status 1;
-the other volumes are still prepared.
+the other volumes are still prepared.  Listing the inputs (`release.split_inputs`),
+the plan, resuming and the manifest (`shard_plan.run_plan`) are shared with the
+Beam runner (`beam_prepare`), which only writes the shards elsewhere.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from __future__ import annotations
 import argparse
 import collections
 import concurrent.futures
-import datetime
+import functools
 import glob
 import itertools
 import multiprocessing
@@ -52,18 +54,16 @@ from data_pipeline.manifest import (  # noqa: F401 - re-exported: the manifest's
     UnsafePathError,
 )
 from data_pipeline.preprocess import PreprocessConfig, load_nifti_dhw, preprocess_volume
-from data_pipeline.release import VolumeEntry, excluded_volumes, list_volumes
+from data_pipeline.release import VolumeEntry, split_inputs
 from data_pipeline.shard_plan import (
     CompletedShard,
     PlannedShard,
     ProgressStore,
-    fsync_file,
+    ShardWriter,
     inputs_per_shard,
-    open_out_dir,
-    plan_fingerprint,
-    plan_shards,
-    sha256_of_file,
+    run_plan,
     shard_file_name,  # noqa: F401 - part of this module's interface
+    write_shard,
 )
 
 SCANS_SPLIT = "scans"  # the split name of shards prepared from a user's own scans
@@ -118,13 +118,16 @@ def _encode_or_reason(entry, config: PreprocessConfig):
         return None, f"{type(error).__name__}: {error}"
 
 
-def _results_in_order(entries, config, workers):
-    """Yields (entry, encoded, reason) in `entries` order, `workers` volumes at a time.
+def encode_in_order(entries: Sequence, config: PreprocessConfig,
+                    workers: int | None) -> Iterator[tuple]:
+    """Yields (entry, encoded bytes or None, failure reason or None) in `entries` order.
 
-    At most 2 * workers results are pending, which bounds the parent's memory
-    even when writing is slower than preprocessing.
+    `workers` processes (None: all CPUs; 1: this process).  At most 2 * workers
+    results are pending, which bounds the parent's memory even when writing is
+    slower than preprocessing.
     """
-    if workers <= 1:
+    workers = max(1, min(workers or os.cpu_count() or 1, max(len(entries), 1)))
+    if workers == 1:
         for entry in entries:
             yield (entry, *_encode_or_reason(entry, config))
         return
@@ -166,94 +169,25 @@ def _exit_with_parent(parent_pid: int) -> None:
 # ----------------------------------------------------------------------------------
 
 
-def _write_shard(out_dir: str, shard: PlannedShard,
-                 results: Iterator[tuple]) -> CompletedShard:
-    """Writes the next len(shard.inputs) results into `shard`'s file.
-
-    The records go to ``<file>.tmp``, which is synced and renamed when complete; a
-    shard whose inputs all failed has no file.
-    """
-    from array_record.python.array_record_module import ArrayRecordWriter
-
-    final_path = os.path.join(out_dir, shard.file)
-    tmp_path = final_path + TMP_SUFFIX
-    writer, names, failed = None, [], []
-    try:
-        for entry, encoded, reason in itertools.islice(results, len(shard.inputs)):
-            if encoded is None:
-                failed.append(_failure(entry, reason))
-                continue
-            if writer is None:
-                writer = ArrayRecordWriter(tmp_path, WRITER_OPTIONS)
-            writer.write(encoded)
-            names.append(entry.volume_name)
-            failpoints.reached("record_written")
-    finally:
-        if writer is not None:
-            writer.close()
-    if len(names) + len(failed) != len(shard.inputs):
-        raise RuntimeError(f"{shard.file}: got {len(names) + len(failed)} results for "
-                           f"{len(shard.inputs)} inputs")
-    if not names:
-        return CompletedShard(None, failed)
-    fsync_file(tmp_path)
-    os.replace(tmp_path, final_path)
-    failpoints.reached("shard_renamed")
-    info = ShardInfo(file=shard.file, num_records=len(names), sha256=sha256_of_file(final_path),
-                     bytes=os.path.getsize(final_path), volume_names=names)
-    return CompletedShard(info, failed)
-
-
-def _prepare_items(items: Sequence, split: str, out_dir: str, config: PreprocessConfig,
-                   source_root: str, *, per_shard: int, workers: int | None,
-                   overwrite: bool, progress: bool, failed_before: list[dict],
-                   excluded: list[dict]) -> Manifest:
-    """Prepares `items` (each with volume_name, path) into resumable shards in `out_dir`."""
-    preprocessing = {**config.to_dict(), "voxel_dtype": "int16",
-                     "voxel_unit": "HU, rounded half to even", "layout": "DHW"}
-    shards = plan_shards(split, items, per_shard)
-    fingerprint = plan_fingerprint(split, shards, {
-        "preprocessing": preprocessing, "failed_before": failed_before,
-        "excluded": excluded}, source_root)
-    store = ProgressStore(out_dir, fingerprint)
-    finished = open_out_dir(out_dir, store, overwrite)
-    if finished is not None:
-        return finished
-    store.begin({"split": split, "num_inputs": len(items), "num_shards": len(shards)})
-
-    done = {shard.index: store.completed(shard) for shard in shards}
-    todo = [shard for shard in shards if done[shard.index] is None]
+def _write_here(store: ProgressStore, shards: list[PlannedShard], todo: list[PlannedShard],
+                *, config: PreprocessConfig, workers: int | None, progress: bool,
+                split: str) -> dict[int, CompletedShard]:
+    """The local `shard_plan.ShardWriter`: `todo`'s inputs in `workers` processes, its
+    shards written here one after another, in plan order."""
+    num_inputs = sum(len(shard.inputs) for shard in shards)
     pending_inputs = [item for shard in todo for item in shard.inputs]
-    workers = max(1, min(workers or os.cpu_count() or 1, max(len(pending_inputs), 1)))
-    with _progress_bar(len(items), split, progress) as bar:
-        bar.update(len(items) - len(pending_inputs))
+    done = {}
+    with _progress_bar(num_inputs, split, progress) as bar:
+        bar.update(num_inputs - len(pending_inputs))
         if len(todo) < len(shards):
-            bar.write(f"resuming {out_dir}: {len(shards) - len(todo)} of {len(shards)} "
+            bar.write(f"resuming {store.out_dir}: {len(shards) - len(todo)} of {len(shards)} "
                       f"shards already complete", file=sys.stderr)
-        results = _counted(_results_in_order(pending_inputs, config, workers), bar)
+        results = _counted(encode_in_order(pending_inputs, config, workers), bar)
         for shard in todo:
-            done[shard.index] = _write_shard(out_dir, shard, results)
+            done[shard.index] = write_shard(store.out_dir, shard, results)
             store.mark_complete(shard, done[shard.index])
             failpoints.reached("shard_complete")
-
-    completed = [done[shard.index] for shard in shards]
-    written = [c.shard for c in completed if c.shard is not None]
-    failed = failed_before + [f for c in completed for f in c.failed]
-    manifest = Manifest(
-        split=split,
-        num_records=sum(shard.num_records for shard in written),
-        shards=written,
-        preprocessing=preprocessing,
-        source_root=os.path.abspath(source_root),
-        failed=sorted(failed, key=lambda failure: failure["volume_name"]),
-        excluded=excluded,
-        plan_sha256=fingerprint,
-        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-    )
-    manifest.save(out_dir)
-    failpoints.reached("manifest_written")
-    store.remove()
-    return manifest
+    return done
 
 
 def _counted(results: Iterator[tuple], bar) -> Iterator[tuple]:
@@ -292,19 +226,27 @@ def prepare_split(ctrate_root: str, split: str, out_dir: str,
     in `manifest.excluded`.  Returns the written `Manifest`; check `manifest.failed`
     for inputs that could not be prepared.
     """
+    return prepare_release_split(ctrate_root, split, out_dir, config,
+                                 records_per_shard=records_per_shard,
+                                 shard_size_mb=shard_size_mb, limit=limit,
+                                 volumes_dir=volumes_dir, overwrite=overwrite,
+                                 write_shards=functools.partial(
+                                     _write_here, config=config, workers=workers,
+                                     progress=progress, split=split))
+
+
+def prepare_release_split(ctrate_root: str, split: str, out_dir: str,
+                          config: PreprocessConfig, *, records_per_shard: int | None,
+                          shard_size_mb: float, limit: int | None, volumes_dir: str | None,
+                          overwrite: bool, write_shards: ShardWriter,
+                          verify_sha256: bool = True) -> Manifest:
+    """`prepare_split` with the shards written by `write_shards` (local or Beam)."""
     per_shard = inputs_per_shard(config.target_shape, records_per_shard, shard_size_mb)
-    entries = list_volumes(ctrate_root, split, volumes_dir=volumes_dir)
-    exclusions = excluded_volumes(entries, ctrate_root, split)
-    excluded = [_failure(entry, exclusions[entry.volume_name])
-                for entry in entries if entry.volume_name in exclusions]
-    entries = [entry for entry in entries if entry.volume_name not in exclusions]
-    if limit is not None:
-        entries = entries[:limit]
-    failed_before = [_failure(entry, entry.error) for entry in entries if not entry.ok]
-    return _prepare_items([entry for entry in entries if entry.ok], split, out_dir, config,
-                          ctrate_root, per_shard=per_shard, workers=workers,
-                          overwrite=overwrite, progress=progress,
-                          failed_before=failed_before, excluded=excluded)
+    inputs = split_inputs(ctrate_root, split, volumes_dir=volumes_dir, limit=limit)
+    return run_plan(inputs.entries, split, out_dir, config, ctrate_root, per_shard=per_shard,
+                    overwrite=overwrite, failed_before=inputs.failed,
+                    excluded=inputs.excluded, write_shards=write_shards,
+                    verify_sha256=verify_sha256)
 
 
 def prepare_scans(scans_path: str, out_dir: str, config: PreprocessConfig = PreprocessConfig(),
@@ -327,13 +269,11 @@ def prepare_scans(scans_path: str, out_dir: str, config: PreprocessConfig = Prep
     failed_before = [{"volume_name": os.path.basename(path), "path": path, "reason": reason}
                      for path, reason in errors]
     root = scans_path if os.path.isdir(scans_path) else os.path.dirname(scans_path)
-    return _prepare_items(scans, SCANS_SPLIT, out_dir, config, os.path.abspath(root),
-                          per_shard=per_shard, workers=workers, overwrite=overwrite,
-                          progress=progress, failed_before=failed_before, excluded=[])
-
-
-def _failure(entry, reason: str) -> dict:
-    return {"volume_name": entry.volume_name, "path": entry.path, "reason": reason}
+    return run_plan(scans, SCANS_SPLIT, out_dir, config, os.path.abspath(root),
+                    per_shard=per_shard, overwrite=overwrite, failed_before=failed_before,
+                    excluded=[], write_shards=functools.partial(
+                        _write_here, config=config, workers=workers, progress=progress,
+                        split=SCANS_SPLIT))
 
 
 def _progress_bar(total: int, split: str, enabled: bool):

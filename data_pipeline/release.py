@@ -217,6 +217,42 @@ def excluded_volumes(entries: Iterable[VolumeEntry], ctrate_root: str,
             if _stem(entry.volume_name) in listed}
 
 
+def failure_record(item, reason: str) -> dict:
+    """The manifest's {volume_name, path, reason} entry for a failed or excluded input."""
+    return {"volume_name": item.volume_name, "path": item.path, "reason": reason}
+
+
+@dataclasses.dataclass
+class SplitInputs:
+    """What preparing one split works on (every runner: local, Beam, TFDS).
+
+    Attributes:
+      entries: the inputs to prepare, in VolumeName order (joined without error).
+      failed: {volume_name, path, reason} of the entries that could not be joined.
+      excluded: {volume_name, path, reason} of the volumes the exclusion list names.
+    """
+
+    entries: list[VolumeEntry]
+    failed: list[dict]
+    excluded: list[dict]
+
+
+def split_inputs(ctrate_root: str, split: str, *, volumes_dir: str | None = None,
+                 limit: int | None = None) -> SplitInputs:
+    """`list_volumes` without the excluded volumes, first `limit` of the rest, by outcome."""
+    entries = list_volumes(ctrate_root, split, volumes_dir=volumes_dir)
+    exclusions = excluded_volumes(entries, ctrate_root, split)
+    excluded = [failure_record(entry, exclusions[entry.volume_name])
+                for entry in entries if entry.volume_name in exclusions]
+    entries = [entry for entry in entries if entry.volume_name not in exclusions]
+    if limit is not None:
+        entries = entries[:limit]
+    return SplitInputs(entries=[entry for entry in entries if entry.ok],
+                       failed=[failure_record(entry, entry.error)
+                               for entry in entries if not entry.ok],
+                       excluded=excluded)
+
+
 def _stem(volume_name: str) -> str:
     for suffix in _VOLUME_SUFFIXES:
         if volume_name.endswith(suffix):

@@ -15,19 +15,27 @@ then is its completion record written (atomically).  A rerun of the same command
 same inputs, and the file's size and sha256 match; everything else is written
 again.  When every shard is complete the manifest is written and the progress
 folder removed, so a finished directory holds only shards and ``manifest.json``.
+
+`run_plan` is that whole sequence, and `write_shard` writes one planned shard; the
+local runner (`prepare`) and the Beam runner (`beam_prepare`) differ only in the
+`ShardWriter` that calls `write_shard` for the shards still to do, so they write
+the same shards and manifest.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import glob
 import hashlib
+import itertools
 import json
 import os
 import shutil
-from typing import Any, Sequence
+import uuid
+from typing import Any, Callable, Iterator, Sequence
 
-from data_pipeline import schema
+from data_pipeline import failpoints, schema
 from data_pipeline.manifest import (
     MANIFEST_NAME,
     TMP_SUFFIX,
@@ -37,6 +45,7 @@ from data_pipeline.manifest import (
     resolve_inside,
     write_atomically,
 )
+from data_pipeline.release import failure_record
 
 PROGRESS_DIR = ".prepare_progress"
 _PLAN_FILE = "plan.json"
@@ -157,8 +166,13 @@ class ProgressStore:
     def _record_path(self, shard: PlannedShard) -> str:
         return os.path.join(self.directory, shard.file + ".json")
 
-    def completed(self, shard: PlannedShard) -> CompletedShard | None:
-        """The shard's completion record if it is complete and its file verifies, else None."""
+    def completed(self, shard: PlannedShard, verify_sha256: bool = True) -> CompletedShard | None:
+        """The shard's completion record if it is complete and its file verifies, else None.
+
+        Without `verify_sha256` only the file's size is checked (the Beam launcher:
+        its workers hashed each file as written, and hashing them all again would
+        read the whole dataset on one machine).
+        """
         try:
             with open(self._record_path(shard), encoding="utf-8") as handle:
                 record = json.load(handle)
@@ -171,7 +185,7 @@ class ProgressStore:
         if info is not None:
             path = resolve_inside(self.out_dir, info.file, self._record_path(shard))
             if (not os.path.isfile(path) or os.path.getsize(path) != info.bytes
-                    or sha256_of_file(path) != info.sha256):
+                    or (verify_sha256 and sha256_of_file(path) != info.sha256)):
                 return None  # damaged or replaced since: write it again
         return CompletedShard(info, record.get("failed", []))
 
@@ -179,7 +193,15 @@ class ProgressStore:
         record = {"plan_sha256": self.fingerprint, "inputs": shard.input_names,
                   "shard": dataclasses.asdict(done.shard) if done.shard else None,
                   "failed": done.failed}
-        write_atomically(self._record_path(shard), json.dumps(record, ensure_ascii=False))
+        # A temporary name of its own: Beam may run two attempts of a shard at once,
+        # which write identical records but must not share a temporary file.
+        path = self._record_path(shard)
+        tmp_path = f"{path}.{uuid.uuid4().hex}{TMP_SUFFIX}"
+        with open(tmp_path, "w", encoding="utf-8") as handle:
+            handle.write(json.dumps(record, ensure_ascii=False))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp_path, path)
 
 
 def earlier_outputs(out_dir: str) -> list[str]:
@@ -225,3 +247,108 @@ def open_out_dir(out_dir: str, store: ProgressStore, overwrite: bool) -> Manifes
                               f"({len(earlier_outputs(out_dir))} files); choose another "
                               f"folder or pass overwrite=True (--overwrite)")
     return None
+
+
+# ----------------------------------------------------------------------------------
+# Writing shards and the whole plan (shared by the local and the Beam runner)
+# ----------------------------------------------------------------------------------
+
+
+def write_shard(out_dir: str, shard: PlannedShard, results: Iterator[tuple],
+                tmp_path: str | None = None) -> CompletedShard:
+    """Writes the next len(shard.inputs) (item, encoded or None, reason) results into
+    `shard`'s file.
+
+    The records go to `tmp_path` (default ``<file>.tmp``), which is synced and
+    renamed to the shard's name when complete; a shard whose inputs all failed
+    has no file.
+    """
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    final_path = os.path.join(out_dir, shard.file)
+    tmp_path = tmp_path or final_path + TMP_SUFFIX
+    writer, names, failed = None, [], []
+    try:
+        for item, encoded, reason in itertools.islice(results, len(shard.inputs)):
+            if encoded is None:
+                failed.append(failure_record(item, reason))
+                continue
+            if writer is None:
+                writer = ArrayRecordWriter(tmp_path, WRITER_OPTIONS)
+            writer.write(encoded)
+            names.append(item.volume_name)
+            failpoints.reached("record_written")
+    finally:
+        if writer is not None:
+            writer.close()
+    if len(names) + len(failed) != len(shard.inputs):
+        raise RuntimeError(f"{shard.file}: got {len(names) + len(failed)} results for "
+                           f"{len(shard.inputs)} inputs")
+    if not names:
+        return CompletedShard(None, failed)
+    fsync_file(tmp_path)
+    os.replace(tmp_path, final_path)
+    failpoints.reached("shard_renamed")
+    info = ShardInfo(file=shard.file, num_records=len(names), sha256=sha256_of_file(final_path),
+                     bytes=os.path.getsize(final_path), volume_names=names)
+    return CompletedShard(info, failed)
+
+
+# (store, all planned shards, the shards still to write) -> their CompletedShards by
+# index; it records each completion with store.mark_complete as the shard is done.
+ShardWriter = Callable[[ProgressStore, list[PlannedShard], list[PlannedShard]],
+                       dict[int, CompletedShard]]
+
+
+def run_plan(items: Sequence[Any], split: str, out_dir: str, config, source_root: str, *,
+             per_shard: int, overwrite: bool, failed_before: list[dict],
+             excluded: list[dict], write_shards: ShardWriter,
+             verify_sha256: bool = True) -> Manifest:
+    """Prepares `items` into the resumable shards of `plan_shards` and writes the manifest.
+
+    Args:
+      items: the inputs in their final order (each with volume_name and path).
+      config: the `preprocess.PreprocessConfig` the records are made with.
+      failed_before, excluded: manifest entries for inputs that never reach a shard.
+      write_shards: writes the shards not yet complete (`ShardWriter`): worker
+        processes here (`prepare`), or a Beam pipeline (`beam_prepare`).
+      verify_sha256: re-hash already complete shards before keeping them (else size only).
+
+    Both runners go through here, so for the same inputs and settings they plan the
+    same shards, write files of the same names and bytes and the same manifest
+    (but for `created`), and each can resume what the other left unfinished.
+    """
+    preprocessing = {**config.to_dict(), "voxel_dtype": "int16",
+                     "voxel_unit": "HU, rounded half to even", "layout": "DHW"}
+    shards = plan_shards(split, items, per_shard)
+    fingerprint = plan_fingerprint(split, shards, {
+        "preprocessing": preprocessing, "failed_before": failed_before,
+        "excluded": excluded}, source_root)
+    store = ProgressStore(out_dir, fingerprint)
+    finished = open_out_dir(out_dir, store, overwrite)
+    if finished is not None:
+        return finished
+    store.begin({"split": split, "num_inputs": len(items), "num_shards": len(shards)})
+
+    done = {shard.index: store.completed(shard, verify_sha256) for shard in shards}
+    todo = [shard for shard in shards if done[shard.index] is None]
+    done.update(write_shards(store, shards, todo))
+
+    completed = [done[shard.index] for shard in shards]
+    written = [c.shard for c in completed if c.shard is not None]
+    failed = failed_before + [f for c in completed for f in c.failed]
+    manifest = Manifest(
+        split=split,
+        num_records=sum(shard.num_records for shard in written),
+        shards=written,
+        preprocessing=preprocessing,
+        source_root=os.path.abspath(source_root),
+        failed=sorted(failed, key=lambda failure: failure["volume_name"]),
+        excluded=excluded,
+        plan_sha256=fingerprint,
+        created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
+    manifest.save(out_dir)
+    failpoints.reached("manifest_written")
+    store.remove()
+    return manifest

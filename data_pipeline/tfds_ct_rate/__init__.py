@@ -5,7 +5,7 @@ of it: ``tfds.data_source("ct_rate", data_dir=...)`` rebuilds the features from
 the ``features.json`` written next to the shards.  See docs/data.md ("TFDS builder").
 """
 
-from data_pipeline.tfds_ct_rate.ct_rate_builder import CtRate, CtRateConfig, prepare_record
+from data_pipeline.tfds_ct_rate.ct_rate_builder import CtRate, CtRateConfig
 from data_pipeline.tfds_ct_rate.features import (
     ct_rate_features,
     example_to_record,
@@ -13,4 +13,4 @@ from data_pipeline.tfds_ct_rate.features import (
 )
 
 __all__ = ["CtRate", "CtRateConfig", "ct_rate_features", "example_to_record",
-           "prepare_record", "record_to_example"]
+           "record_to_example"]

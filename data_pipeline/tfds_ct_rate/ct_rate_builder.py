@@ -11,17 +11,18 @@
 
 The downloaded release (CT-RATE needs a licence acceptance on Hugging Face, so
 TFDS cannot download it) is the builder's *manual directory*.  Each example is
-made by the project's own preparation: `release.list_volumes` joins the volume
-files with the CSVs, `prepare.encode_volume` reads and preprocesses one volume
+made by the project's own preparation: `release.split_inputs` joins the volume
+files with the CSVs and leaves out the volumes of the release's ``no_chest_*.txt``
+lists, `prepare.encode_in_order` reads and preprocesses the volumes
 (`data_pipeline.preprocess`) into a `schema.CTRecord`, which becomes the example
 (`features.record_to_example`).  So the volumes, texts and labels equal the
 records of `python -m data_pipeline.prepare` for the same settings.
 
 Inputs that cannot be prepared (no metadata row, a corrupt file, too few slices,
 ...) are skipped and listed with their reason in the dataset's ``metadata.json``
-(``tfds.builder(...).info.metadata["failed"][split]``), next to the preprocessing
-parameters.  Examples are written in VolumeName order (``disable_shuffling``):
-Grain shuffles at read time.
+(``tfds.builder(...).info.metadata["failed"][split]``), the excluded ones under
+``"excluded"``, next to the preprocessing parameters.  Examples are written in
+VolumeName order (``disable_shuffling``): Grain shuffles at read time.
 
 TensorFlow is not needed: the TFDS writing path (example serialization, the
 shuffler, the ArrayRecord writer) and `tfds.data_source` run without it; only
@@ -30,12 +31,8 @@ shuffler, the ArrayRecord writer) and `tfds.data_source` run without it; only
 
 from __future__ import annotations
 
-import collections
-import concurrent.futures
 import dataclasses
-import itertools
 import logging
-import multiprocessing
 import os
 from typing import Iterator
 
@@ -43,8 +40,8 @@ import tensorflow_datasets as tfds
 
 from data_pipeline import schema
 from data_pipeline.preprocess import PreprocessConfig
-from data_pipeline.prepare import encode_volume
-from data_pipeline.release import VolumeEntry, list_volumes, resolve_dataset_dir
+from data_pipeline.prepare import encode_in_order
+from data_pipeline.release import SplitInputs, failure_record, resolve_dataset_dir, split_inputs
 from data_pipeline.tfds_ct_rate.features import ct_rate_features, record_to_example
 
 _DEFAULTS = PreprocessConfig()
@@ -123,7 +120,8 @@ class CtRate(tfds.core.GeneratorBasedBuilder):
             disable_shuffling=True,
             metadata=tfds.core.MetadataDict(
                 preprocessing=config.preprocess_config().to_dict(),
-                record_format_version=schema.RECORD_FORMAT_VERSION, failed={}),
+                record_format_version=schema.RECORD_FORMAT_VERSION, failed={},
+                excluded={}),
         )
 
     def _split_generators(self, dl_manager):
@@ -136,63 +134,23 @@ class CtRate(tfds.core.GeneratorBasedBuilder):
             raise FileNotFoundError(
                 f"{dataset_dir} holds none of the volume folders "
                 f"{sorted(set(volume_dirs.values()))}; see CtRate.MANUAL_DOWNLOAD_INSTRUCTIONS")
+        # The same inputs, failures and no_chest exclusions as `prepare` lists.
         return {split: self._generate_examples(
-                    list_volumes(dataset_dir, split, volumes_dir=volume_dirs[split]), split)
+                    split_inputs(dataset_dir, split, volumes_dir=volume_dirs[split]), split)
                 for split in present}
 
-    def _generate_examples(self, entries: list[VolumeEntry], split: str) -> Iterator:
+    def _generate_examples(self, inputs: SplitInputs, split: str) -> Iterator:
         """(index in VolumeName order, example) for every input that prepares."""
         failed = self.info.metadata["failed"].setdefault(split, [])
+        failed.extend(inputs.failed)
+        self.info.metadata["excluded"][split] = inputs.excluded
         config = self.builder_config.preprocess_config()
-        good = []
-        for entry in entries:
-            if entry.ok:
-                good.append(entry)
-            else:
-                failed.append(_failure(entry, entry.error))
-        for key, entry, record, reason in _prepare_in_order(good, config, self._workers):
-            if record is None:
+        # prepare's encoding, in `workers` processes; each record is decoded here.
+        results = encode_in_order(inputs.entries, config, self._workers)
+        for key, (entry, encoded, reason) in enumerate(results):
+            if encoded is None:
                 logging.warning("ct_rate: skipping %s: %s", entry.volume_name, reason)
-                failed.append(_failure(entry, reason))
+                failed.append(failure_record(entry, reason))
                 continue
-            yield key, record_to_example(record)
+            yield key, record_to_example(schema.decode_record(encoded))
         failed.sort(key=lambda failure: failure["volume_name"])
-
-
-def _failure(entry: VolumeEntry, reason: str) -> dict:
-    return {"volume_name": entry.volume_name, "path": entry.path, "reason": reason}
-
-
-def prepare_record(entry: VolumeEntry, config: PreprocessConfig):
-    """(CTRecord, None), or (None, reason) when this input cannot be prepared."""
-    try:
-        return schema.decode_record(encode_volume(entry, config)), None
-    except Exception as error:  # noqa: BLE001 - one bad input is a recorded failure
-        return None, f"{type(error).__name__}: {error}"
-
-
-def _prepare_in_order(entries: list[VolumeEntry], config: PreprocessConfig,
-                      workers: int | None) -> Iterator:
-    """Yields (index, entry, record or None, reason) in `entries` order.
-
-    With several workers at most 2 * workers volumes are in flight, which bounds
-    memory when TFDS's writer is slower than preprocessing.
-    """
-    workers = max(1, min(workers or os.cpu_count() or 1, max(len(entries), 1)))
-    if workers == 1:
-        for index, entry in enumerate(entries):
-            yield (index, entry, *prepare_record(entry, config))
-        return
-    # spawn: TFDS's writer may hold threads, which fork would copy half-alive.
-    context = multiprocessing.get_context("spawn")
-    with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        remaining = iter(enumerate(entries))
-        pending = collections.deque(
-            (index, entry, pool.submit(prepare_record, entry, config))
-            for index, entry in itertools.islice(remaining, 2 * workers))
-        while pending:
-            index, entry, future = pending.popleft()
-            for next_index, next_entry in itertools.islice(remaining, 1):
-                pending.append((next_index, next_entry,
-                                pool.submit(prepare_record, next_entry, config)))
-            yield (index, entry, *future.result())
