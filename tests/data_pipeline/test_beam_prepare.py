@@ -1,10 +1,12 @@
-"""Preparation as an Apache Beam pipeline (DirectRunner): the same records, shards and
-manifest as the local `prepare`, one record per input, resumable, read by the input pipeline."""
+"""Preparation as an Apache Beam pipeline (DirectRunner): the same shard names, bytes and
+manifest as the local `prepare` (also when a whole shard fails and with a no_chest list), one
+record per input, resumable, read by the input pipeline."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import sys
 
 import numpy as np
@@ -17,6 +19,7 @@ from data_pipeline.input_pipeline import report_text  # noqa: E402
 from data_pipeline.prepare import Manifest, main, prepare_split, read_records  # noqa: E402
 from data_pipeline.preprocess import PreprocessConfig  # noqa: E402
 from data_pipeline.release import list_volumes  # noqa: E402
+from data_pipeline.shard_plan import PROGRESS_DIR  # noqa: E402
 from data_pipeline.synthetic import generate_release  # noqa: E402
 from data_pipeline.tokenizer import train_wordpiece_tokenizer  # noqa: E402
 
@@ -41,14 +44,32 @@ def release(tmp_path_factory):
             "corrupt": os.path.basename(corrupt), "num_train": len(train)}
 
 
-def _assert_same_records(got_dir, want_dir):
-    got, want = list(read_records(got_dir)), list(read_records(want_dir))
-    assert [r.volume_name for r in got] == [r.volume_name for r in want]
-    for a, b in zip(got, want):
-        np.testing.assert_array_equal(a.volume_hu, b.volume_hu)
-        np.testing.assert_array_equal(a.labels, b.labels)
-        assert (a.findings, a.impressions, a.spacing_mm, a.metadata) == (
-            b.findings, b.impressions, b.spacing_mm, b.metadata)
+@pytest.fixture(scope="module")
+def quirky_release(release):
+    """A copy of `release` where both inputs of train shard 0 fail (two truncated files)
+    and ``no_chest_valid.txt`` excludes the first valid volume."""
+    root = release["root"] / "quirky"
+    shutil.copytree(release["release"], root)
+    train = list_volumes(root, "train")
+    with open(train[0].path, "r+b") as handle:
+        handle.truncate(200)
+    excluded = list_volumes(root, "valid")[0].volume_name
+    (root / "dataset" / "no_chest_valid.txt").write_text(excluded.removesuffix(".nii.gz") + "\n")
+    return {"release": str(root), "failed": [e.volume_name for e in train[:2]],
+            "excluded": excluded}
+
+
+def _assert_same_output(beam_dir, local_dir):
+    """Same file names, same bytes, same manifest but for its creation time."""
+    beam, local = Manifest.load(beam_dir).to_json(), Manifest.load(local_dir).to_json()
+    assert beam.pop("created") and local.pop("created")
+    assert beam == local
+    names = sorted(os.listdir(beam_dir))
+    assert names == sorted(os.listdir(local_dir)) == sorted(
+        [shard["file"] for shard in beam["shards"]] + ["manifest.json"])
+    for name in names:
+        if name != "manifest.json":
+            assert _sha256(os.path.join(beam_dir, name)) == _sha256(os.path.join(local_dir, name))
 
 
 def _sha256(path):
@@ -63,62 +84,68 @@ def test_command_line_beam_runner_equals_local_prepare(release, capsys):
                    "--", "--runner=DirectRunner", "--direct_num_workers=1"])
     assert status == 1  # one input failed; the others are prepared
     assert f"FAILED {release['corrupt']}" in capsys.readouterr().err
-    manifest, local = Manifest.load(out), release["local"]["train"]
+    manifest = Manifest.load(out)
     # Exactly one record per good input, one failure entry per bad one.
-    assert manifest.num_records == local.num_records == release["num_train"] - 1
+    assert manifest.num_records == release["num_train"] - 1
     names = [name for shard in manifest.shards for name in shard.volume_names]
     assert len(names) == len(set(names)) and release["corrupt"] not in names
-    assert [(f["volume_name"], f["reason"]) for f in manifest.failed] == [
-        (f["volume_name"], f["reason"]) for f in local.failed]
-    assert manifest.preprocessing == local.preprocessing
+    assert [f["volume_name"] for f in manifest.failed] == [release["corrupt"]]
     for shard, path in zip(manifest.shards, manifest.shard_paths()):
         assert shard.sha256 == _sha256(path) and shard.bytes == os.path.getsize(path)
-    assert sorted(os.listdir(out)) == sorted([s.file for s in manifest.shards]
-                                             + ["manifest.json"])
-    _assert_same_records(out, local.directory)
+    _assert_same_output(out, release["local"]["train"].directory)
 
 
-def test_without_failures_the_shards_are_byte_identical_to_local(release):
-    out = str(release["root"] / "beam" / "valid")
-    manifest = beam_prepare.prepare_split_beam(release["release"], "valid", out, CONFIG,
+def test_whole_shard_failing_and_no_chest_list_give_local_names_bytes_and_manifest(
+        quirky_release, tmp_path):
+    for split in ("train", "valid"):
+        local = prepare_split(quirky_release["release"], split, str(tmp_path / "local" / split),
+                              CONFIG, records_per_shard=2, workers=1, progress=False)
+        beam = beam_prepare.prepare_split_beam(quirky_release["release"], split,
+                                               str(tmp_path / "beam" / split), CONFIG,
                                                records_per_shard=2)
-    local = release["local"]["valid"]
-    assert [(s.file, s.sha256, s.volume_names) for s in manifest.shards] == [
-        (s.file, s.sha256, s.volume_names) for s in local.shards]
+        _assert_same_output(beam.directory, local.directory)
+    train = Manifest.load(str(tmp_path / "beam" / "train"))
+    # Shard 0 has no file; the others keep their planned index and count.
+    assert [s.file for s in train.shards] == ["train-00001-of-00003.array_record",
+                                              "train-00002-of-00003.array_record"]
+    assert [f["volume_name"] for f in train.failed] == quirky_release["failed"]
+    valid = Manifest.load(str(tmp_path / "beam" / "valid"))
+    assert [e["volume_name"] for e in valid.excluded] == [quirky_release["excluded"]]
+    assert "no_chest_valid.txt" in valid.excluded[0]["reason"] and valid.failed == []
+    assert quirky_release["excluded"] not in valid.shards[0].volume_names
 
 
 def test_rerun_after_a_kill_writes_only_the_unfinished_shards(release, monkeypatch):
     out = str(release["root"] / "beam_resume" / "train")
-    entries = [e for e in list_volumes(release["release"], "train") if e.ok]
-    groups = beam_prepare.plan_groups("train", entries, 2, CONFIG)
-    # The killed run had completed groups 1 and 2 (but group 2's file was damaged since)
-    # and left a half-written file of group 0.
-    progress = os.path.join(out, beam_prepare.PROGRESS_DIR)
-    os.makedirs(progress)
-    kept = beam_prepare.write_group(groups[1], out, "train", CONFIG)
-    damaged = beam_prepare.write_group(groups[2], out, "train", CONFIG)
-    with open(os.path.join(progress, damaged["tmp_file"]), "r+b") as handle:
-        handle.truncate(damaged["bytes"] // 2)
-    with open(os.path.join(progress, "train-group-00000.x.tmp"), "wb"):
-        pass
-    ran = []
-    real_run = beam_prepare.run_pipeline
-    monkeypatch.setattr(beam_prepare, "run_pipeline",
-                        lambda todo, *args: (ran.extend(g.index for g in todo),
-                                             real_run(todo, *args)))
-    manifest = beam_prepare.prepare_split_beam(release["release"], "train", out, CONFIG,
-                                               records_per_shard=2)
-    assert ran == [0, 2]
-    assert manifest.shards[1].sha256 == kept["sha256"]
-    assert not os.path.exists(os.path.join(out, beam_prepare.PROGRESS_DIR))
-    _assert_same_records(out, release["local"]["train"].directory)
+    ran, real_run = [], beam_prepare.run_pipeline
+
+    def run_pipeline(store, todo, *args):
+        ran.append([shard.index for shard in todo])
+        # The first run "dies" after shards 1 and 2; a stray temporary file remains.
+        real_run(store, todo[1:] if len(ran) == 1 else todo, *args)
+        open(os.path.join(store.directory, f"{todo[0].file}.x.tmp"), "wb").close()
+
+    monkeypatch.setattr(beam_prepare, "run_pipeline", run_pipeline)
+    with pytest.raises(RuntimeError, match="without completing train-00000-of-00003"):
+        beam_prepare.prepare_split_beam(release["release"], "train", out, CONFIG,
+                                        records_per_shard=2)
+    kept, damaged = (os.path.join(out, f"train-0000{i}-of-00003.array_record") for i in (1, 2))
+    kept_inode = os.stat(kept).st_ino
+    with open(damaged, "r+b") as handle:  # damaged since: no longer its recorded size
+        handle.truncate(os.path.getsize(damaged) // 2)
+    beam_prepare.prepare_split_beam(release["release"], "train", out, CONFIG,
+                                    records_per_shard=2)
+    assert ran == [[0, 1, 2], [0, 2]]
+    assert os.stat(kept).st_ino == kept_inode  # not written again
+    assert not os.path.exists(os.path.join(out, PROGRESS_DIR))
+    _assert_same_output(out, release["local"]["train"].directory)
 
 
 def test_input_pipeline_reads_the_beam_shards(release, tmp_path):
-    out = str(release["root"] / "beam" / "valid")  # written by the test above
-    if not os.path.exists(os.path.join(out, "manifest.json")):
-        beam_prepare.prepare_split_beam(release["release"], "valid", out, CONFIG,
-                                        records_per_shard=2)
+    out = str(release["root"] / "beam" / "valid")
+    beam_prepare.prepare_split_beam(release["release"], "valid", out, CONFIG,
+                                    records_per_shard=2)
+    _assert_same_output(out, release["local"]["valid"].directory)  # no failures there
     tokenizer = tmp_path / "tokenizer.json"
     train_wordpiece_tokenizer((report_text(r) for r in read_records(out)), 200, tokenizer)
     config = input_pipeline.PipelineConfig(shard_dir=out, tokenizer_path=str(tokenizer),

@@ -38,13 +38,17 @@ def _never_imports_tensorflow():
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """A 6-volume synthetic release (one train file truncated), built as TFDS and by prepare."""
+    """A 6-volume synthetic release (one train file truncated, one in no_chest_train.txt),
+    built as TFDS and by prepare."""
     root = tmp_path_factory.mktemp("tfds_ct_rate")
     release = root / "release"
     generate_release(release, 6, seed=4, valid_fraction=0.3, matrix=32, workers=1)
-    corrupt = list_volumes(release, "train")[1].path
+    train = list_volumes(release, "train")
+    corrupt = train[1].path
     with open(corrupt, "r+b") as handle:  # a truncated download
         handle.truncate(200)
+    # The release says the last train volume is not a chest CT.
+    (release / "dataset" / "no_chest_train.txt").write_text(train[-1].volume_name + "\n")
 
     with _never_imports_tensorflow():
         builder = CtRate(data_dir=str(root / "tfds"), config=TFDS_CONFIG,
@@ -56,6 +60,7 @@ def built(tmp_path_factory):
     local = {split: prepare_split(release, split, str(root / "shards" / split), CONFIG,
                                   workers=1, progress=False) for split in ("train", "valid")}
     return {"root": root, "release": release, "corrupt": os.path.basename(corrupt),
+            "excluded": train[-1].volume_name,
             "builder": builder, "source": source, "local": local}
 
 
@@ -95,6 +100,9 @@ def test_dataset_info_records_splits_features_counts_and_failures(built):
         {k: f[k] for k in ("volume_name", "path", "reason")}
         for f in built["local"]["train"].failed]
     assert metadata["failed"]["valid"] == []
+    # Excluded through the same listing as prepare: in `excluded`, not built, not failed.
+    assert [e["volume_name"] for e in metadata["excluded"]["train"]] == [built["excluded"]]
+    assert metadata["excluded"] == {split: m.excluded for split, m in built["local"].items()}
 
 
 def test_grain_batches_from_the_tfds_source(built):
