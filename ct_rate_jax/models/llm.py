@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ct_rate_jax import sharding
 from ct_rate_jax.models.layers import sharded
 from ct_rate_jax.models.llm_config import LLMConfig, RopeScaling  # noqa: F401  (re-export)
 
@@ -289,3 +290,17 @@ class LLM(nnx.Module):
             cache = KVCache(keys=tuple(new_keys), values=tuple(new_values), valid=key_valid,
                             index=cache.index + s)
         return logits.astype(jnp.float32), cache
+
+
+def init_llm(config: LLMConfig, *, seed: int = 0, dtype: Any = None,
+             param_dtype: Any = jnp.float32, remat: bool = False, mesh=None) -> LLM:
+    """A randomly initialised `LLM`, created by one jitted initialiser (much faster than
+    eager initialisation) directly in its sharding on `mesh` (None: default device)."""
+    def build():
+        return LLM(config, rngs=nnx.Rngs(seed), dtype=dtype, param_dtype=param_dtype,
+                   remat=remat)
+
+    graphdef, abstract = nnx.split(nnx.eval_shape(build))
+    shardings = None if mesh is None else sharding.state_shardings(abstract, mesh)
+    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)

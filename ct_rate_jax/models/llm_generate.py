@@ -85,20 +85,39 @@ def top_p_filter(logits: jax.Array, top_p: float) -> jax.Array:
     return jnp.where(logits < threshold, -jnp.inf, logits)
 
 
-def choose_next(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+class _Knobs(NamedTuple):
+    """The sampling settings as traced values: changing them does not recompile."""
+
+    temperature: jax.Array  # float32[]
+    top_p: jax.Array        # float32[]
+    stop_ids: jax.Array     # int32[M], M a multiple of 8 (repeats; -1 when there are none)
+    pad_id: jax.Array       # int32[]
+
+    @classmethod
+    def of(cls, sampling: SamplingConfig) -> _Knobs:
+        stops = list(sampling.stop_token_ids) or [-1]
+        stops += stops[-1:] * (-len(stops) % 8)  # few distinct shapes, few compilations
+        return cls(jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
+                   jnp.asarray(stops, jnp.int32), jnp.int32(sampling.pad_token_id))
+
+
+def _choose_next(logits: jax.Array, key: jax.Array, knobs: _Knobs) -> jax.Array:
     """float32[B, V] next-token logits -> int32[B] tokens."""
-    if sampling.temperature == 0:
+
+    def sample(logits):
+        scaled = logits / knobs.temperature
+        scaled = jax.lax.cond(knobs.top_p < 1, top_p_filter, lambda x, p: x, scaled,
+                              knobs.top_p)
+        return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+
+    def greedy(logits):
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
-    if sampling.top_p < 1:
-        logits = top_p_filter(logits, sampling.top_p)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(knobs.temperature > 0, sample, greedy, logits)
 
 
-def _stops(tokens: jax.Array, sampling: SamplingConfig) -> jax.Array:
-    if not sampling.stop_token_ids:
-        return jnp.zeros(tokens.shape, bool)
-    return jnp.isin(tokens, jnp.asarray(sampling.stop_token_ids, jnp.int32))
+def _stops(tokens: jax.Array, knobs: _Knobs) -> jax.Array:
+    return jnp.any(tokens[..., None] == knobs.stop_ids, axis=-1)
 
 
 # --------------------------------------------------------------------------- the two phases
@@ -135,19 +154,19 @@ def _step(model: LLM, tokens: jax.Array, context, use_cache: bool):
                                                                              length + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "sampling", "use_cache"))
-def _generate(graphdef, state, ids, embeds, mask, key, *, sampling: SamplingConfig,
-              use_cache: bool) -> GenerationResult:
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "use_cache"))
+def _generate(graphdef, state, ids, embeds, mask, key, knobs: _Knobs, *,
+              max_new_tokens: int, use_cache: bool) -> GenerationResult:
     model = nnx.merge(graphdef, state)
     if embeds is None:
         embeds = model.embed(ids)
     b, s = mask.shape
-    n = sampling.max_new_tokens
+    n = max_new_tokens
     logits, context = _prefill(model, embeds, mask, s + n, use_cache)
     key, first_key = jax.random.split(key)
-    first = choose_next(logits, first_key, sampling)
-    tokens = jnp.full((b, n), sampling.pad_token_id, jnp.int32).at[:, 0].set(first)
-    done = _stops(first, sampling)
+    first = _choose_next(logits, first_key, knobs)
+    tokens = jnp.full((b, n), knobs.pad_id, jnp.int32).at[:, 0].set(first)
+    done = _stops(first, knobs)
 
     def keep_going(carry):
         step, _, _, done, _ = carry
@@ -157,18 +176,18 @@ def _generate(graphdef, state, ids, embeds, mask, key, *, sampling: SamplingConf
         step, tokens, context, done, key = carry
         logits, context = _step(model, tokens[:, step - 1], context, use_cache)
         key, step_key = jax.random.split(key)
-        chosen = jnp.where(done, sampling.pad_token_id, choose_next(logits, step_key, sampling))
+        chosen = jnp.where(done, knobs.pad_id, _choose_next(logits, step_key, knobs))
         tokens = jax.lax.dynamic_update_slice(tokens, chosen[:, None], (0, step))
-        return step + 1, tokens, context, done | _stops(chosen, sampling), key
+        return step + 1, tokens, context, done | _stops(chosen, knobs), key
 
     carry = (jnp.asarray(1, jnp.int32), tokens, context, done, key)
     _, tokens, _, _, _ = jax.lax.while_loop(keep_going, one_token, carry)
-    return GenerationResult(tokens, _count(tokens, sampling))
+    return GenerationResult(tokens, _count(tokens, knobs))
 
 
-def _count(tokens: jax.Array, sampling: SamplingConfig) -> jax.Array:
+def _count(tokens: jax.Array, knobs: _Knobs) -> jax.Array:
     """Tokens per row up to and including the first stop token (all, if none)."""
-    stops = _stops(tokens, sampling)
+    stops = _stops(tokens, knobs)
     first_stop = jnp.argmax(stops, axis=1)
     return jnp.where(stops.any(axis=1), first_stop + 1, tokens.shape[1]).astype(jnp.int32)
 
@@ -202,8 +221,8 @@ def generate(model: LLM, input_ids: Any = None, attention_mask: Any = None, *,
     ids, embeds, mask = _prompt(model, input_ids, attention_mask, inputs_embeds)
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if rng is None else rng
-    return _generate(graphdef, state, ids, embeds, mask, key, sampling=sampling,
-                     use_cache=use_cache)
+    return _generate(graphdef, state, ids, embeds, mask, key, _Knobs.of(sampling),
+                     max_new_tokens=sampling.max_new_tokens, use_cache=use_cache)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "total"))
@@ -218,6 +237,9 @@ def _jit_step(graphdef, state, tokens, cache: KVCache):
     return _step(nnx.merge(graphdef, state), tokens, cache, use_cache=True)
 
 
+_jit_choose = jax.jit(_choose_next)
+
+
 def stream(model: LLM, input_ids: Any = None, attention_mask: Any = None, *,
            inputs_embeds: Any = None, sampling: SamplingConfig = SamplingConfig(),
            rng: jax.Array | None = None) -> Iterator[np.ndarray]:
@@ -226,14 +248,14 @@ def stream(model: LLM, input_ids: Any = None, attention_mask: Any = None, *,
     ids, embeds, mask = _prompt(model, input_ids, attention_mask, inputs_embeds)
     graphdef, state = nnx.split(model)
     key = jax.random.key(0) if rng is None else rng
-    choose = jax.jit(choose_next, static_argnames=("sampling",))
+    knobs = _Knobs.of(sampling)
     logits, cache = _jit_prefill(graphdef, state, ids, embeds, mask,
                                  total=mask.shape[1] + sampling.max_new_tokens)
     done = np.zeros(mask.shape[0], bool)
     for step in range(sampling.max_new_tokens):
         key, step_key = jax.random.split(key)
         chosen = np.where(done, sampling.pad_token_id,
-                          np.asarray(choose(logits, step_key, sampling=sampling)))
+                          np.asarray(_jit_choose(logits, step_key, knobs)))
         done |= np.isin(chosen, sampling.stop_token_ids)
         yield chosen
         if done.all() or step + 1 == sampling.max_new_tokens:

@@ -77,6 +77,22 @@ def hf_logits(hf_model, ids, mask):
     return out.logits.float().numpy()
 
 
+def random_llm(config: LLMConfig, seed: int = 0, **kwargs) -> LLM:
+    """An LLM with N(0, 0.15) weights (norm gains around 1), filled from numpy: much
+    cheaper than compiling the random initialisers for every small test model."""
+    model = nnx.eval_shape(lambda: LLM(config, rngs=nnx.Rngs(0), **kwargs))
+    rng = np.random.RandomState(seed)
+    for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = rng.randn(*variable.shape) * 0.15 + (1.0 if path[-1] == "weight" else 0.0)
+        variable.set_value(jnp.asarray(value, variable.dtype))
+    return model
+
+
+@nnx.jit
+def forward(model: LLM, ids, mask):
+    return model(ids, attention_mask=mask)[0]
+
+
 def assert_close_on_tokens(ours, reference, mask, rtol=1e-4):
     """Logits of real tokens agree within rtol relative to the logits' scale."""
     keep = mask.astype(bool)
@@ -148,7 +164,7 @@ def test_logits_match_transformers_on_a_left_padded_batch(name, tmp_path):
         assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
     model, config = load_hf_llm(tmp_path)
     ids, mask = left_padded_batch()
-    logits, _ = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    logits = forward(model, jnp.asarray(ids), jnp.asarray(mask))
     assert_close_on_tokens(logits, hf_logits(hf_model, ids, mask), mask)
     assert (model.lm_head is None) == config.tie_word_embeddings
 
@@ -172,8 +188,7 @@ def test_sharded_import_places_each_tensor_on_its_mesh_slice(tmp_path):
     reference = hf_model.model.layers[0].self_attn.q_proj.weight.detach().numpy().T
     np.testing.assert_array_equal(np.asarray(q), reference)
     ids, mask = left_padded_batch()
-    logits, _ = nnx.jit(lambda m, i, a: m(i, attention_mask=a))(model, jnp.asarray(ids),
-                                                                 jnp.asarray(mask))
+    logits = forward(model, jnp.asarray(ids), jnp.asarray(mask))
     assert_close_on_tokens(logits, hf_logits(hf_model, ids, mask), mask)
 
 
@@ -201,40 +216,41 @@ def _save_checkpoint(model: LLM, directory, drop=(), rename=None, reshape=None):
 
 def test_round_trip_inputs_embeds_and_bf16_storage(tmp_path):
     config = LLMConfig.tiny()
-    model = LLM(config, rngs=nnx.Rngs(1))
+    model = random_llm(config, seed=1)
     _save_checkpoint(model, tmp_path / "ckpt")
     loaded, loaded_config = load_hf_llm(tmp_path / "ckpt")
     assert loaded_config == config
-    ids, mask = left_padded_batch(config.vocab_size)
-    expected, _ = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    from_ids, _ = loaded(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    from_embeds, _ = loaded(inputs_embeds=loaded.embed(jnp.asarray(ids)),
-                            attention_mask=jnp.asarray(mask))
+    ids, mask = (jnp.asarray(a) for a in left_padded_batch(config.vocab_size))
+    expected = forward(model, ids, mask)
+    both = nnx.jit(lambda m, i, a: (m(i, attention_mask=a)[0],
+                                    m(inputs_embeds=m.embed(i), attention_mask=a)[0]))
+    from_ids, from_embeds = both(loaded, ids, mask)
     np.testing.assert_array_equal(np.asarray(from_ids), np.asarray(expected))
     np.testing.assert_array_equal(np.asarray(from_embeds), np.asarray(expected))
     half, _ = load_hf_llm(tmp_path / "ckpt", dtype=jnp.bfloat16, param_dtype=jnp.bfloat16)
     assert half.model.layers[0].mlp.up_proj.kernel.get_value().dtype == jnp.bfloat16
-    logits16, _ = half(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
-    assert_close_on_tokens(logits16, np.asarray(expected), mask, rtol=5e-2)
+    assert_close_on_tokens(forward(half, ids, mask), np.asarray(expected), np.asarray(mask),
+                           rtol=5e-2)
 
 
 def test_prefill_then_cached_steps_equal_one_full_pass():
     config = LLMConfig.tiny(sliding_window=4)
-    model = LLM(config, rngs=nnx.Rngs(2))
+    model = random_llm(config, seed=2)
     ids, mask = left_padded_batch(config.vocab_size)
-    full, _ = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
+    full = forward(model, jnp.asarray(ids), jnp.asarray(mask))
     cache = model.init_cache(batch=3, length=16)
     pieces = []
-    for start, stop in ((0, 6), (6, 7), (7, 10)):
-        logits, cache = model(jnp.asarray(ids[:, start:stop]), cache=cache,
-                              attention_mask=jnp.asarray(mask[:, start:stop]))
+    chunk = nnx.jit(lambda m, i, a, c: m(i, attention_mask=a, cache=c))
+    for start, stop in ((0, 7), (7, 8), (8, 9), (9, 10)):
+        logits, cache = chunk(model, jnp.asarray(ids[:, start:stop]),
+                              jnp.asarray(mask[:, start:stop]), cache)
         pieces.append(logits)
     assert int(cache.index) == 10
     assert_close_on_tokens(jnp.concatenate(pieces, axis=1), np.asarray(full), mask, rtol=1e-5)
 
 
 def test_bad_checkpoints_name_every_file_and_tensor(tmp_path):
-    model = LLM(LLMConfig.tiny(), rngs=nnx.Rngs(0))
+    model = random_llm(LLMConfig.tiny())
     _save_checkpoint(model, tmp_path / "bad", drop=["model.norm.weight"],
                      rename=("model.layers.1.mlp.up_proj.weight", "model.layers.1.mlp.upp.weight"),
                      reshape="model.layers.0.self_attn.k_proj.weight")
@@ -263,8 +279,9 @@ def test_remat_gives_the_same_gradients():
         logits, _ = model(jnp.asarray(ids), attention_mask=jnp.asarray(mask))
         return jnp.mean(jax.nn.logsumexp(logits, -1))
 
-    plain = nnx.grad(loss)(LLM(config, rngs=nnx.Rngs(3)))
-    remat = nnx.grad(loss)(LLM(config, rngs=nnx.Rngs(3), remat=True))
+    gradient = nnx.jit(nnx.grad(loss))
+    plain = gradient(random_llm(config, seed=3))
+    remat = gradient(random_llm(config, seed=3, remat=True))
     for (path, a), (_, b) in zip(nnx.to_flat_state(plain), nnx.to_flat_state(remat)):
         np.testing.assert_allclose(np.asarray(a.get_value()), np.asarray(b.get_value()),
                                    rtol=1e-5, atol=1e-7, err_msg=str(path))

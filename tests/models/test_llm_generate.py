@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
+import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import ct_rate_jax.models  # noqa: F401  (turns eager sharding off)
-from ct_rate_jax.models.llm import LLM, LLMConfig
+from ct_rate_jax.models.llm import LLMConfig
 from ct_rate_jax.models.llm_generate import (SamplingConfig, generate, left_pad, stream,
                                              top_p_filter)
 from ct_rate_jax.models.llm_weights import load_hf_llm
-from tests.models.test_llm import make_hf_model
+from tests.models.test_llm import make_hf_model, random_llm
 
 PROMPTS = [[5, 17, 99, 42, 7, 8, 9, 10, 11], [33, 4, 250, 71], [90, 91]]
 
@@ -51,20 +51,26 @@ def test_greedy_tokens_match_transformers_generate_on_a_left_padded_batch(name, 
     assert int(stopped.num_tokens[0]) == 4
 
 
-def _tiny_model(**overrides):
-    return LLM(LLMConfig.tiny(vocab_size=300, **overrides), rngs=nnx.Rngs(4))
+@functools.lru_cache(maxsize=1)
+def _tiny_model():
+    """One model and one length for the tests below: the sampling settings are traced
+    values, so they all share one compiled generation loop."""
+    return random_llm(LLMConfig.tiny(vocab_size=300, sliding_window=5), seed=4)
+
+
+NEW_TOKENS = 10
 
 
 @pytest.mark.parametrize("sampling", [
-    SamplingConfig(max_new_tokens=10),
-    SamplingConfig(max_new_tokens=10, temperature=0.7, top_p=0.9, stop_token_ids=(7, 8))])
+    SamplingConfig(max_new_tokens=NEW_TOKENS),
+    SamplingConfig(max_new_tokens=NEW_TOKENS, temperature=0.7, top_p=0.9,
+                   stop_token_ids=(7, 8))])
 def test_cache_on_and_off_give_the_same_tokens(sampling):
-    model = _tiny_model(sliding_window=5)
+    model = _tiny_model()
     ids, mask = left_pad(PROMPTS)
     embeds = model.embed(jnp.asarray(ids))
     key = jax.random.key(3)
-    cached = generate(model, inputs_embeds=embeds, attention_mask=mask, sampling=sampling,
-                      rng=key)
+    cached = generate(model, ids, mask, sampling=sampling, rng=key)
     recomputed = generate(model, inputs_embeds=embeds, attention_mask=mask, sampling=sampling,
                           rng=key, use_cache=False)
     np.testing.assert_array_equal(np.asarray(cached.tokens), np.asarray(recomputed.tokens))
@@ -78,10 +84,10 @@ def test_stop_tokens_end_each_row_and_the_loop():
     model = _tiny_model()
     ids, mask = left_pad(PROMPTS)
     free = np.asarray(generate(model, ids, mask,
-                               sampling=SamplingConfig(max_new_tokens=8)).tokens)
+                               sampling=SamplingConfig(max_new_tokens=NEW_TOKENS)).tokens)
     stops = (int(free[0, 1]), int(free[1, 2]), int(free[2, 0]))
     result = generate(model, ids, mask,
-                      sampling=SamplingConfig(max_new_tokens=8, stop_token_ids=stops,
+                      sampling=SamplingConfig(max_new_tokens=NEW_TOKENS, stop_token_ids=stops,
                                               pad_token_id=-1))
     tokens, counts = np.asarray(result.tokens), np.asarray(result.num_tokens)
     for row in range(3):
@@ -111,7 +117,7 @@ def test_top_p_keeps_the_nucleus_as_transformers():
 def test_a_tiny_nucleus_samples_the_greedy_tokens():
     model = _tiny_model()
     ids, mask = left_pad(PROMPTS)
-    greedy = generate(model, ids, mask, sampling=SamplingConfig(max_new_tokens=6))
+    greedy = generate(model, ids, mask, sampling=SamplingConfig(max_new_tokens=NEW_TOKENS))
     nucleus = generate(model, ids, mask, rng=jax.random.key(9), sampling=SamplingConfig(
-        max_new_tokens=6, temperature=1.0, top_p=1e-6))
+        max_new_tokens=NEW_TOKENS, temperature=1.0, top_p=1e-6))
     np.testing.assert_array_equal(np.asarray(nucleus.tokens), np.asarray(greedy.tokens))
