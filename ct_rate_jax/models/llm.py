@@ -40,7 +40,7 @@ from ct_rate_jax.models.llm_config import LLMConfig, RopeScaling  # noqa: F401  
 class KVCache:
     """Preallocated keys and values of every layer.
 
-    keys, values: one dtype[B, T, K, D] per layer.  valid: bool[B, T], slot holds a real
+    keys, values: one dtype[B, K, T, D] per layer.  valid: bool[B, T], slot holds a real
     (not padding) token.  index: int32[] the next slot to write (slots >= index are free).
     """
 
@@ -52,7 +52,7 @@ class KVCache:
     @classmethod
     def create(cls, config: LLMConfig, batch: int, length: int, dtype: Any = jnp.float32
                ) -> KVCache:
-        shape = (batch, length, config.num_key_value_heads, config.head_dim)
+        shape = (batch, config.num_key_value_heads, length, config.head_dim)
         zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_hidden_layers))
         return cls(keys=zeros, values=tuple(jnp.zeros(shape, dtype) for _ in zeros),
                    valid=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32))
@@ -128,20 +128,23 @@ class Attention(nnx.Module):
         q = apply_rotary(self.q_proj(x).reshape(b, s, self.num_heads, d), cos, sin)
         k = apply_rotary(self.k_proj(x).reshape(b, s, k_heads, d), cos, sin)
         v = self.v_proj(x).reshape(b, s, k_heads, d)
+        # Keys and values are kept [B, K, T, D] (the cache's layout), so that a decode
+        # step reads the cache as it lies instead of transposing all of it.
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)
         if cache_kv is not None:
-            start = (0, index, 0, 0)
+            start = (0, 0, index, 0)
             k = jax.lax.dynamic_update_slice(cache_kv[0], k.astype(cache_kv[0].dtype), start)
             v = jax.lax.dynamic_update_slice(cache_kv[1], v.astype(cache_kv[1].dtype), start)
             cache_kv = (k, v)
         # Query head n = kv_head * G + g, as transformers' repeat_kv orders them.
         q = q.reshape(b, s, k_heads, groups, d)
-        scores = jnp.einsum("bskgd,btkd->bkgst", q, k.astype(q.dtype),
+        scores = jnp.einsum("bskgd,bktd->bkgst", q, k.astype(q.dtype),
                             preferred_element_type=jnp.float32) / math.sqrt(d)
         # Masked scores get the most negative float32 (as transformers), so a fully
         # masked row (a left pad's query) becomes a harmless uniform average, not NaN.
         scores = jnp.where(allowed[:, None, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-        context = jnp.einsum("bkgst,btkd->bskgd", probs, v.astype(q.dtype))
+        context = jnp.einsum("bkgst,bktd->bskgd", probs, v.astype(q.dtype))
         return self.o_proj(context.reshape(b, s, self.num_heads * d)), cache_kv
 
 
