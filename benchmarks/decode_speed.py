@@ -11,7 +11,9 @@ same number of new tokens after the same random prompt (no early stop); the toke
 checked to be equal.  Our `generate` is compiled before timing; the runs alternate
 (torch, ours, torch, ours, ...) so that a busy machine slows both alike, and the median
 is reported.  tokens/s = batch x new tokens / wall time of the whole call (prefill
-included).  A measurement, not a test.
+included); the CPU time of this process per call (all its threads) is reported too, as
+it is less sensitive than wall time to other jobs on the machine.  A measurement, not a
+test.
 """
 
 from __future__ import annotations
@@ -78,13 +80,16 @@ def main() -> None:
 
         same = bool((run_torch() == run_ours()).all())  # also compiles ours
         times = {"torch": [], "ours": []}
+        cpu = {"torch": [], "ours": []}
         for _ in range(args.repeats):
             for name, run in (("torch", run_torch), ("ours", run_ours)):
-                start = time.perf_counter()
+                start, start_cpu = time.perf_counter(), time.process_time()
                 run()
                 times[name].append(time.perf_counter() - start)
+                cpu[name].append(time.process_time() - start_cpu)
         median = {name: statistics.median(t) for name, t in times.items()}
-        rows.append((batch, median, same))
+        median_cpu = {name: statistics.median(t) for name, t in cpu.items()}
+        rows.append((batch, median, median_cpu, same))
 
     tokens = lambda batch, seconds: batch * args.new_tokens / seconds  # noqa: E731
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
@@ -93,12 +98,14 @@ def main() -> None:
           f"({jax.devices()[0].platform}); load average {os.getloadavg()[0]:.1f}")
     print(f"model: LLMConfig.small() float32, prompt {args.prompt} tokens, "
           f"{args.new_tokens} new tokens, greedy, median of {args.repeats} alternating runs\n")
-    print("| batch | transformers generate | ours (jitted, KV cache) | speed-up | same tokens |")
-    print("|---|---|---|---|---|")
-    for batch, median, same in rows:
+    print("| batch | transformers generate | ours (jitted, KV cache) | speed-up | CPU time "
+          "torch / ours | same tokens |")
+    print("|---|---|---|---|---|---|")
+    for batch, median, median_cpu, same in rows:
         print(f"| {batch} | {median['torch']:.3f} s ({tokens(batch, median['torch']):.0f} tok/s)"
               f" | {median['ours']:.3f} s ({tokens(batch, median['ours']):.0f} tok/s) | "
-              f"{median['torch'] / median['ours']:.2f}x | {'yes' if same else 'NO'} |")
+              f"{median['torch'] / median['ours']:.2f}x | {median_cpu['torch']:.2f} s / "
+              f"{median_cpu['ours']:.2f} s | {'yes' if same else 'NO'} |")
 
 
 if __name__ == "__main__":
