@@ -219,7 +219,9 @@ class LLM(nnx.Module):
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """int[B, S] -> float[B, S, H] token embeddings (compute dtype); the multimodal
         bridge splices visual tokens into this sequence and passes `inputs_embeds`."""
-        return self.model.embed_tokens(input_ids)
+        # Rows first, then the cast: nnx.Embed would cast the whole table to bf16 each call.
+        table = self.model.embed_tokens.embedding[...]
+        return jnp.take(table, input_ids, axis=0).astype(self.dtype)
 
     def init_cache(self, batch: int, length: int) -> KVCache:
         """An empty cache for `batch` rows of up to `length` tokens (prompt + new)."""
@@ -248,7 +250,8 @@ class LLM(nnx.Module):
     def __call__(self, input_ids: jax.Array | None = None, *,
                  inputs_embeds: jax.Array | None = None,
                  attention_mask: jax.Array | None = None, positions: jax.Array | None = None,
-                 cache: KVCache | None = None) -> tuple[jax.Array, KVCache | None]:
+                 cache: KVCache | None = None, last_token_only: bool = False
+                 ) -> tuple[jax.Array, KVCache | None]:
         """Logits of the next token at every input position.
 
         Args:
@@ -258,6 +261,8 @@ class LLM(nnx.Module):
           positions: int[B, S] rotary positions (default: count of real tokens before,
             continuing from the cache).
           cache: a `KVCache` to read and extend (writes at `cache.index`), or None.
+          last_token_only: only the last position's logits (float32[B, 1, V]), as
+            generation needs after a prefill (saves S - 1 LM-head products).
 
         Returns:
           float32[B, S, V] logits and the updated cache (None without one).
@@ -284,7 +289,7 @@ class LLM(nnx.Module):
             if cache_kv is not None:
                 new_keys.append(cache_kv[0])
                 new_values.append(cache_kv[1])
-        x = self.model.norm(x)
+        x = self.model.norm(x[:, -1:] if last_token_only else x)
         if self.lm_head is None:
             logits = self.model.embed_tokens.attend(x)
         else:

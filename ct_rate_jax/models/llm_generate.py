@@ -130,7 +130,7 @@ def _prefill(model: LLM, embeds: jax.Array, mask: jax.Array, total: int, use_cac
     b, s = mask.shape
     if use_cache:
         logits, cache = model(inputs_embeds=embeds, attention_mask=mask,
-                              cache=model.init_cache(b, total))
+                              cache=model.init_cache(b, total), last_token_only=True)
         return logits[:, -1], cache
     buffer = jnp.zeros((b, total, embeds.shape[-1]), model.dtype).at[:, :s].set(embeds)
     full_mask = jnp.zeros((b, total), jnp.int32).at[:, :s].set(mask)
