@@ -13,7 +13,7 @@ from ct_rate_jax.models.llm import LLMConfig
 from ct_rate_jax.models.llm_generate import (SamplingConfig, generate, left_pad, stream,
                                              top_p_filter)
 from ct_rate_jax.models.llm_weights import load_hf_llm
-from tests.models.test_llm import make_hf_model, random_llm
+from test_llm import make_hf_model, random_llm  # tests/models is on sys.path (rootdir)
 
 PROMPTS = [[5, 17, 99, 42, 7, 8, 9, 10, 11], [33, 4, 250, 71], [90, 91]]
 
