@@ -24,6 +24,7 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, Any], ...] = (
     ("image_features", "fsdp"),  # the h*w*dim (294,912 for v2) input of the visual projection
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv", "tensor"),  # LLM key/value projections, kv_heads x head_dim (grouped-query)
     ("vocab", "tensor"),
     ("patch", None),
     ("latent", None),
