@@ -18,6 +18,10 @@ the kept voxels:
 4. intensity jitter (float32): ``x * (1 + a) + b`` with a ~ U(-scale, scale),
    b ~ U(-shift, shift) in normalised units (0.1 is 100 HU with the default
    window), then clipped back to [-1, 1].
+
+The input pipeline makes all draws per example (`VolumeAugmentation.draw`: an
+int16 view and the jitter's scale and shift) and does steps 3-4 as it writes
+the batch (`input_pipeline.BatchExamples`), bitwise as `VolumeAugmentation.__call__`.
 """
 
 from __future__ import annotations
