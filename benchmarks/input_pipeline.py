@@ -92,8 +92,10 @@ def raw_read_seconds(paths, cold: bool) -> float:
     return time.perf_counter() - start
 
 
-def pipeline_seconds(pipeline_config, steps: int, paths, cold: bool) -> float:
-    """Seconds for `steps` batches after the first (start-up is not throughput)."""
+def pipeline_seconds(pipeline_config, steps: int, paths, cold: bool) -> tuple[float, float]:
+    """(wall, CPU of this process) seconds for `steps` batches after the first (start-up
+    is not throughput).  The CPU time misses worker processes: it is the pipeline's
+    whole cost only with 0 workers."""
     from data_pipeline import input_pipeline
 
     if cold:
@@ -103,13 +105,13 @@ def pipeline_seconds(pipeline_config, steps: int, paths, cold: bool) -> float:
     with KeepEvicting(paths) if cold else contextlib.nullcontext():
         iterator = iter(input_pipeline.make_train_dataset(pipeline_config))
         next(iterator)
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         for _ in range(steps):
             batch = next(iterator)
-        seconds = time.perf_counter() - start
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     assert batch["volume"].dtype == np.float32
     del iterator
-    return seconds
+    return seconds, cpu
 
 
 def stage_costs(pipeline_config, paths, batch_size: int) -> list[tuple[str, float, float]]:
@@ -179,6 +181,13 @@ def _median_rate(measure, repeats: int, amount: float) -> float:
     return statistics.median(amount / measure() for _ in range(repeats))
 
 
+def _median_rate_and_cpu(measure, repeats: int, volumes: int) -> tuple[float, float]:
+    """(median volumes/s, median CPU ms per volume) of `measure() -> (wall, cpu)`."""
+    runs = [measure() for _ in range(repeats)]
+    return (statistics.median(volumes / wall for wall, _ in runs),
+            statistics.median(cpu * 1e3 / volumes for _, cpu in runs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--volumes", type=int, default=16)
@@ -229,7 +238,7 @@ def main() -> None:
         for cold in (True, False):
             raw_read_seconds(paths, cold=False)  # the warm run reads a cached copy
             rate = _median_rate(lambda: raw_read_seconds(paths, cold), args.repeats, records)
-            rows.append(("raw sequential read of the shard files", cold, rate))
+            rows.append(("raw sequential read of the shard files", cold, rate, None))
         raw_cold = rows[0][2]
 
         steps = args.epochs * (records // args.batch_size)
@@ -240,16 +249,21 @@ def main() -> None:
                 shard_dir=shard_dir, tokenizer_path=tokenizer,
                 global_batch_size=args.batch_size, max_text_length=32, num_workers=workers)
             for cold in (True, False):
-                rate = _median_rate(lambda: pipeline_seconds(pipeline, steps, paths, cold),
-                                    args.repeats, volumes)
-                rows.append((f"Grain pipeline, {workers} worker processes", cold, rate))
+                rate, cpu_ms = _median_rate_and_cpu(
+                    lambda: pipeline_seconds(pipeline, steps, paths, cold), args.repeats,
+                    volumes)
+                rows.append((f"Grain pipeline, {workers} worker processes", cold, rate,
+                             cpu_ms if workers == 0 else None))
 
         baseline_paths = sorted(os.path.join(scans_dir, n) for n in os.listdir(scans_dir))
         baseline_paths = baseline_paths[:args.baseline_volumes]
-        start = time.perf_counter()
+        with contextlib.suppress(ImportError):
+            import torch  # noqa: F401 - imported before the clock starts, not timed
+        start, cpu = time.perf_counter(), time.process_time()
         for path in baseline_paths:
             original_per_sample(path, config)
         baseline = len(baseline_paths) / (time.perf_counter() - start)
+        baseline_cpu_ms = (time.process_time() - cpu) * 1e3 / len(baseline_paths)
 
         stages = [] if args.no_stages else stage_costs(pipeline, paths, args.batch_size)
         load_after = os.getloadavg()
@@ -260,15 +274,16 @@ def main() -> None:
               f"measurement; median of {args.repeats} repeats")
         print()
         print("| path | page cache | volumes/s | MB/s of shard file | vs raw cold read "
-              "| vs original |")
-        print("|---|---|---|---|---|---|")
-        for name, cold, rate in rows:
+              "| vs original | CPU ms / volume | vs original, CPU |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, cold, rate, cpu_ms in rows:
+            cpu = (f"{cpu_ms:.0f} | {baseline_cpu_ms / cpu_ms:.1f}x" if cpu_ms else "- | -")
             print(f"| {name} | {'cold' if cold else 'warm'} | {rate:.2f} "
                   f"| {rate * bytes_per_volume / 1e6:.1f} | {rate / raw_cold:.1%} "
-                  f"| {rate / baseline:.1f}x |")
+                  f"| {rate / baseline:.1f}x | {cpu} |")
         print(f"| original: load NIfTI, resample, normalise per sample (1 process) | - "
               f"| {baseline:.2f} | {baseline * bytes_per_volume / 1e6:.1f} "
-              f"| {baseline / raw_cold:.1%} | 1.0x |")
+              f"| {baseline / raw_cold:.1%} | 1.0x | {baseline_cpu_ms:.0f} | 1.0x |")
         if stages:
             print()
             print("| stage (1 thread, warm page cache) | wall ms / volume | CPU ms / volume |")
