@@ -2,32 +2,43 @@ r"""Input pipeline throughput: raw shard reads, the Grain pipeline, and the orig
 
   python -m benchmarks.input_pipeline [--volumes 16] [--shape 256,256,120]
       [--target-shape 120,240,240] [--workers 0,1,2] [--batch-size 2] [--epochs 2]
-      [--workdir DIR] [--keep]
+      [--repeats 3] [--baseline-volumes 4] [--no-stages] [--workdir DIR] [--keep]
 
-On the same data in one run:
+On the same data in one run, each figure the median of `--repeats` measurements:
 
-  raw read   every shard file read sequentially in 4 MiB blocks (the disk / page-cache
-             limit; the files were just written, so they are likely cached);
+  raw read   every shard file read sequentially in 4 MiB blocks.  "cold": the files
+             are evicted from the page cache first (fsync, then
+             posix_fadvise(DONTNEED); no root needed), so this is the storage limit;
+             "warm": read again straight after, from the page cache (memory speed).
   grain      `input_pipeline.make_train_dataset` (shuffle, decode, normalise to
-             float32, tokenise, batch) with 0..N Grain worker processes: volumes/s and
-             MB/s of shard file bytes consumed;
+             float32, tokenise, batch) with 0..N Grain worker processes, after its
+             first batch (start-up): volumes/s and MB/s of shard file bytes consumed,
+             the same basis as the raw read.  "cold": the shard files are evicted
+             before the iterator is made and every 20 ms while it runs, so every
+             record comes from storage; "warm": from the page cache.
+  stages     single-thread cost of each step per volume (wall and CPU ms): ArrayRecord
+             read incl. zstd, header decode, text, normalise into the batch buffer,
+             stacking the other fields; CPU ms x volumes/s = cores needed.
   original   what the PyTorch original does per sample in `__getitem__`
              (CT-CLIP `scripts/data.py`, `nii_img_to_tensor`): nibabel `get_fdata`
              (float64), HU, transpose, `torch.nn.functional.interpolate` (trilinear)
              to the target spacing, clip, / 1000, crop / pad; one process.
 
 Inputs are the phantoms of `benchmarks.prepare` (0.7 mm in-plane, 1.0 mm slices),
-prepared to `--target-shape` at 1.5 x 0.75 x 0.75 mm.  Prints a markdown table for
-docs/performance.md.  A measurement, not a test.
+prepared to `--target-shape` at 1.5 x 0.75 x 0.75 mm.  Prints markdown tables for
+docs/performance.md, with the load average.  A measurement, not a test.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import shutil
+import statistics
 import tempfile
+import threading
 import time
 
 import numpy as np
@@ -35,13 +46,133 @@ import numpy as np
 from benchmarks.prepare import SOURCE_SPACING_ZYX, write_phantom_nifti
 
 
-def raw_read_seconds(paths) -> float:
+def evict_from_page_cache(paths) -> None:
+    """Drops the files' pages from the page cache (dirty pages are written first)."""
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+class KeepEvicting:
+    """Context manager: evicts `paths` from the page cache every `interval_s` in a
+    thread, so that a pipeline reading ahead still reads every record from storage."""
+
+    def __init__(self, paths, interval_s: float = 0.02):
+        self._paths, self._interval = list(paths), interval_s
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        while not self._stop.wait(self._interval):
+            evict_from_page_cache(self._paths)
+
+    def __enter__(self):
+        evict_from_page_cache(self._paths)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+
+
+def raw_read_seconds(paths, cold: bool) -> float:
+    """Seconds to read the files once; `cold`: evicted from the page cache first."""
+    if cold:
+        evict_from_page_cache(paths)
     start = time.perf_counter()
     for path in paths:
         with open(path, "rb", buffering=0) as handle:
             while handle.read(1 << 22):
                 pass
     return time.perf_counter() - start
+
+
+def pipeline_seconds(pipeline_config, steps: int, paths, cold: bool) -> tuple[float, float]:
+    """(wall, CPU of this process) seconds for `steps` batches after the first (start-up
+    is not throughput).  The CPU time misses worker processes: it is the pipeline's
+    whole cost only with 0 workers."""
+    from data_pipeline import input_pipeline
+
+    if cold:
+        evict_from_page_cache(paths)
+    else:
+        raw_read_seconds(paths, cold=False)  # into the page cache
+    with KeepEvicting(paths) if cold else contextlib.nullcontext():
+        iterator = iter(input_pipeline.make_train_dataset(pipeline_config))
+        next(iterator)
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            batch = next(iterator)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+    assert batch["volume"].dtype == np.float32
+    del iterator
+    return seconds, cpu
+
+
+def _drop(result) -> None:
+    """Lets a batch go at once (a list of batches would keep them all in memory)."""
+    del result
+
+
+def stage_costs(pipeline_config, paths, batch_size: int) -> list[tuple[str, float, float]]:
+    """(stage, wall ms, CPU ms) per volume, one thread, page cache warm."""
+    import grain
+
+    from data_pipeline import input_pipeline, schema
+
+    source = grain.sources.ArrayRecordDataSource(paths)
+    to_example = input_pipeline.RecordToExample(
+        input_pipeline._text_encoder(pipeline_config), pipeline_config.text_sections,
+        pipeline_config.hu_window)
+    to_batch = input_pipeline.BatchExamples(pipeline_config.hu_window)
+    count = len(source) - len(source) % batch_size
+    raw_read_seconds(paths, cold=False)
+    stages = []
+
+    def timed(name, function):
+        wall, cpu = time.perf_counter(), time.process_time()
+        result = function()
+        stages.append((name, (time.perf_counter() - wall) * 1e3 / count,
+                       (time.process_time() - cpu) * 1e3 / count))
+        return result
+
+    data = timed("ArrayRecord read (incl. zstd decompression)",
+                 lambda: [source[i] for i in range(count)])
+    records = timed("header decode + int16 view (schema.decode_record)",
+                    lambda: [schema.decode_record(d) for d in data])
+    timed("text: report_text + tokenise", lambda: [
+        to_example.text_encoder.encode(input_pipeline.report_text(r)) for r in records])
+    examples = [to_example(d) for d in data]
+    volume = np.empty((batch_size, *records[0].volume_hu.shape), np.float32)
+    timed("int16 -> float32 normalise into a reused batch buffer", lambda: [
+        input_pipeline.normalise_hu(e["volume_hu"], pipeline_config.hu_window,
+                                    out=volume[i % batch_size])
+        for i, e in enumerate(examples)])
+    groups = [examples[i:i + batch_size] for i in range(0, count, batch_size)]
+
+    def stacked(group):  # the path before: a float32 array per example, then np.stack
+        return np.stack([input_pipeline.normalise_hu(e["volume_hu"],
+                                                     pipeline_config.hu_window)
+                         for e in group])
+
+    # Each batch is dropped before the next is made, as in the pipeline's steady state;
+    # the two ways alternate so that both see the same load.
+    for _ in range(3):
+        timed("batch_fn now: new float32 batch, normalise each volume into its row",
+              lambda: [_drop(to_batch(group)) for group in groups])
+        timed("before: float32 copy per volume (normalise_hu), then np.stack",
+              lambda: [_drop(stacked(group)) for group in groups])
+    by_name = {}
+    for name, wall_ms, cpu_ms in stages[4:]:
+        by_name.setdefault(name, []).append((wall_ms, cpu_ms))
+    stages[4:] = [(f"{name} (median of 3)", statistics.median(w for w, _ in runs),
+                   statistics.median(c for _, c in runs)) for name, runs in by_name.items()]
+    return stages
 
 
 def original_per_sample(path: str, config) -> np.ndarray:
@@ -68,6 +199,17 @@ def original_per_sample(path: str, config) -> np.ndarray:
     return center_crop_or_pad(data, config.target_shape, pad_value=-1.0).astype(np.float32)
 
 
+def _median_rate(measure, repeats: int, amount: float) -> float:
+    return statistics.median(amount / measure() for _ in range(repeats))
+
+
+def _median_rate_and_cpu(measure, repeats: int, volumes: int) -> tuple[float, float]:
+    """(median volumes/s, median CPU ms per volume) of `measure() -> (wall, cpu)`."""
+    runs = [measure() for _ in range(repeats)]
+    return (statistics.median(volumes / wall for wall, _ in runs),
+            statistics.median(cpu * 1e3 / volumes for _, cpu in runs))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--volumes", type=int, default=16)
@@ -76,7 +218,9 @@ def main() -> None:
     parser.add_argument("--workers", default="0,1,2", help="Grain worker processes to try")
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--baseline-volumes", type=int, default=4)
+    parser.add_argument("--no-stages", action="store_true", help="skip the per-stage table")
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--keep", action="store_true")
     args = parser.parse_args()
@@ -95,63 +239,84 @@ def main() -> None:
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_input_")
     scans_dir, shard_dir = os.path.join(workdir, "scans"), os.path.join(workdir, "shards")
     os.makedirs(scans_dir, exist_ok=True)
+    load_before = os.getloadavg()
     try:
         for index in range(args.volumes):
             path = os.path.join(scans_dir, f"phantom_{index:03d}.nii.gz")
             if not os.path.exists(path):
                 write_phantom_nifti(path, shape, seed=index)
-        manifest = prepare_scans(scans_dir, shard_dir, config, records_per_shard=4,
-                                 progress=False)
+        prepare_scans(scans_dir, shard_dir, config, records_per_shard=4, progress=False)
         manifest = Manifest.load(shard_dir)
+        paths = manifest.shard_paths()
         tokenizer = os.path.join(workdir, "tokenizer.json")
         train_wordpiece_tokenizer(["no acute findings. lung nodule is present."] * 20, 64,
                                   tokenizer)
         file_bytes = sum(shard.bytes for shard in manifest.shards)
-        bytes_per_volume = file_bytes / manifest.num_records
+        records = manifest.num_records
+        bytes_per_volume = file_bytes / records
         voxel_mb = 2 * int(np.prod(config.target_shape)) / 1e6
 
-        rows = []
-        seconds = raw_read_seconds(manifest.shard_paths())
-        rows.append(("raw sequential read of the shard files", manifest.num_records / seconds,
-                     file_bytes / seconds / 1e6))
+        rows = []  # (path, cache, volumes/s)
+        for cold in (True, False):
+            raw_read_seconds(paths, cold=False)  # the warm run reads a cached copy
+            rate = _median_rate(lambda: raw_read_seconds(paths, cold), args.repeats, records)
+            rows.append(("raw sequential read of the shard files", cold, rate, None))
+        raw_cold = rows[0][2]
 
-        steps = args.epochs * (manifest.num_records // args.batch_size)
+        steps = args.epochs * (records // args.batch_size)
+        volumes = steps * args.batch_size
+        pipeline = None
         for workers in [int(v) for v in args.workers.split(",")]:
             pipeline = input_pipeline.PipelineConfig(
                 shard_dir=shard_dir, tokenizer_path=tokenizer,
                 global_batch_size=args.batch_size, max_text_length=32, num_workers=workers)
-            iterator = iter(input_pipeline.make_train_dataset(pipeline))
-            next(iterator)  # start-up (worker processes) is not throughput
-            start = time.perf_counter()
-            for _ in range(steps):
-                batch = next(iterator)
-            seconds = time.perf_counter() - start
-            assert batch["volume"].shape == (args.batch_size, *config.target_shape)
-            volumes = steps * args.batch_size
-            rows.append((f"grain pipeline, {workers} worker processes", volumes / seconds,
-                         volumes * bytes_per_volume / seconds / 1e6))
-            del iterator
+            for cold in (True, False):
+                rate, cpu_ms = _median_rate_and_cpu(
+                    lambda: pipeline_seconds(pipeline, steps, paths, cold), args.repeats,
+                    volumes)
+                rows.append((f"Grain pipeline, {workers} worker processes", cold, rate,
+                             cpu_ms if workers == 0 else None))
 
-        paths = sorted(os.path.join(scans_dir, n) for n in os.listdir(scans_dir))
-        paths = paths[:args.baseline_volumes]
-        start = time.perf_counter()
-        for path in paths:
+        baseline_paths = sorted(os.path.join(scans_dir, n) for n in os.listdir(scans_dir))
+        baseline_paths = baseline_paths[:args.baseline_volumes]
+        with contextlib.suppress(ImportError):
+            import torch  # noqa: F401 - imported before the clock starts, not timed
+        start, cpu = time.perf_counter(), time.process_time()
+        for path in baseline_paths:
             original_per_sample(path, config)
-        seconds = time.perf_counter() - start
-        rows.append(("original: load NIfTI, resample, normalise per sample (1 process)",
-                     len(paths) / seconds, len(paths) * bytes_per_volume / seconds / 1e6))
+        baseline = len(baseline_paths) / (time.perf_counter() - start)
+        baseline_cpu_ms = (time.process_time() - cpu) * 1e3 / len(baseline_paths)
 
-        print(f"{manifest.num_records} records of {config.target_shape} int16 "
-              f"({voxel_mb:.1f} MB of voxels, {bytes_per_volume / 1e6:.1f} MB in the files) "
-              f"from {shape} inputs; batch {args.batch_size}, {steps} steps per measurement")
+        stages = [] if args.no_stages else stage_costs(pipeline, paths, args.batch_size)
+        load_after = os.getloadavg()
+
+        print(f"{records} records of {config.target_shape} int16 "
+              f"({voxel_mb:.1f} MB of voxels, {bytes_per_volume / 1e6:.2f} MB in the files) "
+              f"from {shape} inputs; batch {args.batch_size}, {steps} steps per pipeline "
+              f"measurement; median of {args.repeats} repeats")
         print()
-        print("| path | volumes/s | MB/s of shard file |")
-        print("|---|---|---|")
-        for name, rate, mb in rows:
-            print(f"| {name} | {rate:.2f} | {mb:.1f} |")
+        print("| path | page cache | volumes/s | MB/s of shard file | vs raw cold read "
+              "| vs original | CPU ms / volume | vs original, CPU |")
+        print("|---|---|---|---|---|---|---|---|")
+        for name, cold, rate, cpu_ms in rows:
+            cpu = (f"{cpu_ms:.0f} | {baseline_cpu_ms / cpu_ms:.1f}x" if cpu_ms else "- | -")
+            print(f"| {name} | {'cold' if cold else 'warm'} | {rate:.2f} "
+                  f"| {rate * bytes_per_volume / 1e6:.1f} | {rate / raw_cold:.1%} "
+                  f"| {rate / baseline:.1f}x | {cpu} |")
+        print(f"| original: load NIfTI, resample, normalise per sample (1 process) | - "
+              f"| {baseline:.2f} | {baseline * bytes_per_volume / 1e6:.1f} "
+              f"| {baseline / raw_cold:.1%} | 1.0x | {baseline_cpu_ms:.0f} | 1.0x |")
+        if stages:
+            print()
+            print("| stage (1 thread, warm page cache) | wall ms / volume | CPU ms / volume |")
+            print("|---|---|---|")
+            for name, wall_ms, cpu_ms in stages:
+                print(f"| {name} | {wall_ms:.1f} | {cpu_ms:.1f} |")
         print()
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; "
-              f"python {platform.python_version()}")
+              f"python {platform.python_version()}; load average (1, 5, 15 min) "
+              f"before {tuple(round(v, 1) for v in load_before)}, "
+              f"after {tuple(round(v, 1) for v in load_after)}")
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

@@ -18,6 +18,10 @@ the kept voxels:
 4. intensity jitter (float32): ``x * (1 + a) + b`` with a ~ U(-scale, scale),
    b ~ U(-shift, shift) in normalised units (0.1 is 100 HU with the default
    window), then clipped back to [-1, 1].
+
+The input pipeline makes all draws per example (`VolumeAugmentation.draw`: an
+int16 view and the jitter's scale and shift) and does steps 3-4 as it writes
+the batch (`input_pipeline.BatchExamples`), bitwise as `VolumeAugmentation.__call__`.
 """
 
 from __future__ import annotations
@@ -78,6 +82,21 @@ class VolumeAugmentation:
     def __call__(self, volume_hu: np.ndarray, rng: np.random.Generator,
                  normalise: Callable[[np.ndarray], np.ndarray]) -> np.ndarray:
         """int16[D, H, W] HU -> float32[crop or D, H, W] normalised and augmented."""
+        view, jitter = self.draw(volume_hu, rng)
+        volume = normalise(view)
+        if jitter is not None:
+            apply_intensity_jitter(volume, jitter)
+        return volume
+
+    def draw(self, volume_hu: np.ndarray, rng: np.random.Generator
+             ) -> tuple[np.ndarray, np.ndarray | None]:
+        """All random draws for one volume, in the order `__call__` makes them.
+
+        Returns (int16 view of `volume_hu` cropped and flipped: no voxel is copied,
+        float32[2] (scale, shift) of the intensity jitter or None), so that the
+        pipeline can normalise the view straight into its batch buffer and jitter
+        it there (`apply_intensity_jitter`), bitwise as `__call__` does.
+        """
         view = volume_hu
         if self.crop_shape is not None:
             offsets = [int(rng.integers(0, max(s - t, 0) + 1))
@@ -86,11 +105,16 @@ class VolumeAugmentation:
         for axis in self.flip_axes:
             if rng.random() < 0.5:
                 view = np.flip(view, axis)
-        volume = normalise(view)
-        if self.intensity_scale or self.intensity_shift:
-            scale = 1.0 + rng.uniform(-self.intensity_scale, self.intensity_scale)
-            shift = rng.uniform(-self.intensity_shift, self.intensity_shift)
-            volume *= np.float32(scale)
-            volume += np.float32(shift)
-            np.clip(volume, -1.0, 1.0, out=volume)
-        return volume
+        if not (self.intensity_scale or self.intensity_shift):
+            return view, None
+        scale = 1.0 + rng.uniform(-self.intensity_scale, self.intensity_scale)
+        shift = rng.uniform(-self.intensity_shift, self.intensity_shift)
+        return view, np.array([scale, shift], np.float32)
+
+
+def apply_intensity_jitter(volume: np.ndarray, scale_shift: np.ndarray) -> np.ndarray:
+    """In place: float32 ``volume * scale + shift`` clipped to [-1, 1]; returns `volume`."""
+    volume *= scale_shift[0]
+    volume += scale_shift[1]
+    np.clip(volume, -1.0, 1.0, out=volume)
+    return volume

@@ -268,3 +268,33 @@ def test_worker_processes_give_the_same_batches(config):
     for want, got in zip(threads, processes):
         for key in want:
             np.testing.assert_array_equal(want[key], got[key])
+
+
+def test_batch_level_normalisation_is_bitwise_the_per_example_path(config):
+    """The pipeline normalises (and jitters) int16 views straight into the batch buffer;
+    that must equal normalising each volume on its own and stacking, bit for bit."""
+    from data_pipeline.tokenizer import TextEncoder
+
+    window = (-160.5, 240.0)  # a centre and a non-integer bound exercise every step
+    records = list(_records_by_name(config.shard_dir).values())[:3]
+    to_example = input_pipeline.RecordToExample(
+        TextEncoder.from_path(config.tokenizer_path, 32), ("findings",), window,
+        augmentation=AUGMENT)
+    examples = [to_example(schema.encode_record(r), np.random.default_rng(i))
+                for i, r in enumerate(records)]
+    batch = input_pipeline.BatchExamples(window)(examples)
+    one_by_one = []
+    for i, record in enumerate(records):
+        rng = np.random.default_rng(i)
+        rng.random()  # the text draw (sentence sampling) comes first
+        one_by_one.append(AUGMENT(record.volume_hu, rng,
+                                  lambda view: input_pipeline.normalise_hu(view, window)))
+    assert batch["volume"].dtype == np.float32
+    assert batch["volume"].tobytes() == np.stack(one_by_one).tobytes()
+    assert all(e["volume_hu"].dtype == np.int16 for e in examples)  # no early float copy
+    reference = records[0].volume_hu.astype(np.float32)
+    reference = (np.clip(reference, np.float32(-160.5), np.float32(240.0))
+                 - np.float32(39.75)) / np.float32(200.25)
+    out = np.full(records[0].volume_hu.shape, np.nan, np.float32)
+    assert input_pipeline.normalise_hu(records[0].volume_hu, window, out=out) is out
+    assert out.tobytes() == reference.tobytes()
