@@ -34,6 +34,7 @@ import numpy as np
 from experiments import cli
 
 ENCODE_BATCH = 64  # prompts per text-encoder call
+DEFAULT_TEMPLATES = ["{name} is present.", "{name} is not present."]
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -50,7 +51,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--bootstrap", type=int, default=1000,
                         help="bootstrap resamples for the confidence intervals (0: none)")
     parser.add_argument("--templates", nargs=2, metavar=("POSITIVE", "NEGATIVE"),
-                        default=["{name} is present.", "{name} is not present."])
+                        default=list(DEFAULT_TEMPLATES))
     parser.add_argument("--batch-size", type=int, default=8, help="volumes per model call")
     parser.add_argument("--text-sections", nargs="+", choices=("findings", "impressions"),
                         help="report sections as text for report/volume retrieval "
@@ -328,6 +329,9 @@ def evaluate(args: argparse.Namespace) -> dict:
     result = runner.evaluate_scores(test, scores_of(test), settings, val,
                                     scores_of(val) if val is not None else None,
                                     scoring=scoring, mapping=mapping)
+    if head is not None and list(args.templates) != DEFAULT_TEMPLATES:
+        result.metrics["notes"].append("--templates ignored: a ClassFine model is scored "
+                                       "by its head, not by prompts")
     scoring_record = {
         "model_kind": loaded.kind, "section": scoring.section,
         "score": scoring.description,

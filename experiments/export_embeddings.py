@@ -74,6 +74,7 @@ def embed_user_scans(embedder, path: str, config, batch_size: int, tokens: bool)
     import numpy as np
     from tqdm import tqdm
 
+    from ct_rate_jax.evaluation.report import json_safe
     from ct_rate_jax.evaluation.runner import EmbeddedSet
     from data_pipeline.input_pipeline import normalise_hu
     from data_pipeline.user_scans import iter_user_volumes
@@ -100,7 +101,7 @@ def embed_user_scans(embedder, path: str, config, batch_size: int, tokens: bool)
                              f"model expects H = W = {cfg.image_size} and D divisible by "
                              f"{cfg.temporal_patch_size}")
         names.append(name)
-        infos.append({k: (list(v) if isinstance(v, tuple) else v) for k, v in info.items()})
+        infos.append(json_safe(dict(info)))  # numpy scalars and tuples from the headers
         pending.append(normalise_hu(volume_hu))  # as the input pipeline does
         if len(pending) == batch_size:
             flush()

@@ -64,7 +64,8 @@ def test_export_of_user_scans_uses_the_training_preprocessing(
         seen["path"], seen["config"] = path, config
         for i, volume in enumerate(volumes):
             yield f"patient/scan_{i}.nii.gz", volume, {"kind": "nifti",
-                                                       "original_spacing_mm": (1.0, 0.7, 0.7)}
+                                                       "original_spacing_mm": (1.0, 0.7, 0.7),
+                                                       "num_slices": np.int64(40)}
         errors.append((f"{path}/broken.dcm", "not a DICOM file"))
 
     stand_in = types.ModuleType("data_pipeline.user_scans")
@@ -96,5 +97,5 @@ def test_export_of_user_scans_uses_the_training_preprocessing(
     assert metadata["preprocessing"]["config"]["target_shape"] == [8, 16, 16]
     assert "fine-tuning data" in metadata["preprocessing"]["source"]
     assert metadata["data"]["skipped"] == [[f"{scans}/broken.dcm", "not a DICOM file"]]
-    assert metadata["data"]["volumes"]["patient/scan_0.nii.gz"]["original_spacing_mm"] == \
-        [1.0, 0.7, 0.7]
+    info = metadata["data"]["volumes"]["patient/scan_0.nii.gz"]
+    assert info["original_spacing_mm"] == [1.0, 0.7, 0.7] and info["num_slices"] == 40
