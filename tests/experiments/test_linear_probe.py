@@ -142,7 +142,7 @@ def test_linear_probe_then_evaluate(tiny_model_dir, tiny_synthetic_data, tmp_pat
     latents = np.load(report_dir / "latents.npz")
     probabilities = classfine.head_probabilities(extras, latents["image_latents"])
     merged = np.stack([probabilities[:, [1, 4]].max(1), probabilities[:, 7]], axis=1)
-        rows = list(csv.DictReader((report_dir / "scores.csv").open()))
+    rows = list(csv.DictReader((report_dir / "scores.csv").open()))
     np.testing.assert_array_equal(
         [[float(r["score: calcification"]), float(r["score: Emphysema"])] for r in rows], merged)
     html = (report_dir / "report.html").read_text()
