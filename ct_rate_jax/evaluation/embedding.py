@@ -3,7 +3,8 @@
 Everything downstream (zero-shot scores, thresholds, retrieval) works on these arrays,
 so the image encoder runs exactly once per volume and each prompt is embedded once.
 The weights are replicated over this process's devices and each batch is split over
-them (data parallel); single process only.
+them (data parallel).  With several processes each embeds its own share of the data
+on its own devices (`distributed` gathers the shares).
 """
 
 from __future__ import annotations
@@ -32,9 +33,6 @@ class Embedder:
     """
 
     def __init__(self, model: CTCLIP, devices: Sequence[jax.Device] | None = None):
-        if jax.process_count() > 1:
-            raise ValueError("evaluation runs in a single process; multi-host evaluation "
-                             "is not supported")
         self.mesh = sharding.make_mesh(-1, 1, 1, devices=list(devices or jax.local_devices()))
         self.rows = sharding.data_parallel_size(self.mesh)
         self.config = model.config
@@ -89,10 +87,11 @@ class Embedder:
 
 def embed_batches(embedder: Embedder, batches: Iterable[Mapping[str, np.ndarray]], *,
                   texts: bool = True, tokens: bool = False, total: int | None = None,
-                  description: str = "embedding") -> EmbeddedSet:
+                  description: str = "embedding", allow_empty: bool = False) -> EmbeddedSet:
     """Runs the model over evaluation batches (dicts with volume, labels, volume_name,
     valid and, for `texts`, input_ids / attention_mask of the reports); rows with
-    valid=False (padding) are dropped."""
+    valid=False (padding) are dropped.  No valid row at all is an error unless
+    `allow_empty` (a process whose share of a small set is empty)."""
     names, labels, images, reports, grids = [], [], [], [], []
     for batch in tqdm(batches, total=total, desc=description, unit="batch", leave=False):
         valid = np.asarray(batch["valid"], bool)
@@ -106,7 +105,7 @@ def embed_batches(embedder: Embedder, batches: Iterable[Mapping[str, np.ndarray]
             reports.append(embedder.texts(batch["input_ids"], batch["attention_mask"])[valid])
         labels.append(np.asarray(batch["labels"], np.float32)[valid])
         names.extend(str(n) for n in np.asarray(batch["volume_name"])[valid])
-    if not names:
+    if not names and not allow_empty:
         raise ValueError("the evaluation data holds no volumes")
     return EmbeddedSet(names, np.concatenate(labels), np.concatenate(images),
                        np.concatenate(reports) if texts else None,

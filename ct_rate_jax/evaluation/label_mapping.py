@@ -109,3 +109,43 @@ RAD_CHESTCT_MAPPING = LabelMapping(
     tuple((name, _RAD_MERGED.get(name, (name,)))
           for name in ABNORMALITIES if name not in _RAD_DROPPED),
     merge="max")
+
+
+NAMED_MAPPINGS = {"rad_chestct": RAD_CHESTCT_MAPPING}
+
+
+def load_label_mapping(spec: str) -> LabelMapping:
+    """A named mapping ("rad_chestct") or a JSON file declaring one:
+
+        {"merge": "max",                       (optional; "max", "mean" or "noisy_or")
+         "classes": {"Arterial wall calcification": ["Arterial wall calcification",
+                                                     "Coronary artery wall calcification"],
+                     "Cardiomegaly": ["Cardiomegaly"], ...}}
+
+    "classes" lists the target classes in their column order, each with the CT-RATE
+    label columns it is built from.  Errors name the file.
+    """
+    import json
+    import os
+
+    if spec in NAMED_MAPPINGS:
+        return NAMED_MAPPINGS[spec]
+    if not os.path.isfile(spec):
+        raise FileNotFoundError(f"label mapping {spec!r} is neither a known name "
+                                f"({', '.join(NAMED_MAPPINGS)}) nor a JSON file")
+    try:
+        with open(spec, encoding="utf-8") as f:
+            declared = json.load(f)
+        classes = declared["classes"]
+        if not isinstance(classes, dict) or not all(
+                isinstance(m, list) and all(isinstance(x, str) for x in m)
+                for m in classes.values()):
+            raise ValueError('"classes" must map each target class to a list of CT-RATE '
+                             "column names")
+        unknown = set(declared) - {"classes", "merge"}
+        if unknown:
+            raise ValueError(f"unknown key(s) {sorted(unknown)} (allowed: classes, merge)")
+        return LabelMapping.from_dict(classes, declared.get("merge", "max"))
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as error:
+        what = f"missing key {error}" if isinstance(error, KeyError) else str(error)
+        raise ValueError(f"label mapping file {spec}: {what}") from error

@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-METRICS_FILE, REPORT_FILE = "metrics.json", "report.md"
+METRICS_FILE, REPORT_FILE, HTML_FILE = "metrics.json", "report.md", "report.html"
 ROC_FILE, PR_FILE, SCORES_FILE = "roc_curves.png", "pr_curves.png", "scores.csv"
 
 
@@ -167,9 +167,13 @@ def _zero_shot_md(section: dict) -> list[str]:
         rows.append(["weighted by positives", "",
                      _f(section["weighted_auroc_ci"]["estimate"])
                      + _ci(section["weighted_auroc_ci"])])
-    pos, neg = section["templates"]
-    return ["## Zero-shot abnormality detection", "",
-            f"Prompts `{pos}` / `{neg}`, {section['score']}; {section['num_volumes']} "
+    if section.get("templates"):
+        pos, neg = section["templates"]
+        title, how = "Zero-shot abnormality detection", f"Prompts `{pos}` / `{neg}`, "
+    else:
+        title, how = "Abnormality detection, ClassFine head", ""
+    return [f"## {title}", "",
+            f"{how}{section['score']}; {section['num_volumes']} "
             "volumes." + (" AUROC with 95 % bootstrap interval." if ci else ""), "",
             *_table(["abnormality", "positives", "AUROC"], rows)]
 
@@ -220,6 +224,11 @@ def _retrieval_md(section: dict) -> list[str]:
     return lines
 
 
+def _detection(metrics: dict) -> dict:
+    """The AUROC section: "zero_shot" (prompts) or "classfine" (a linear head)."""
+    return metrics["zero_shot"] if "zero_shot" in metrics else metrics["classfine"]
+
+
 def markdown_report(metrics: dict) -> str:
     """report.md: provenance, then one table per task, then notes."""
     run = metrics["run"]
@@ -230,8 +239,16 @@ def markdown_report(metrics: dict) -> str:
              + ")",
              f"* data: `{data['path']}` ({data.get('num_records', '?')} records, manifest "
              f"sha256 `{str(data.get('manifest_sha256', ''))[:12]}`)",
+             f"* model: {run.get('model_kind', 'CT-CLIP')}",
              f"* date: {run['date']}; devices: {run['devices']}", ""]
-    lines += _zero_shot_md(metrics["zero_shot"])
+    if metrics.get("label_mapping"):
+        mapping = metrics["label_mapping"]
+        rows = [[target, ", ".join(members)] for target, members in mapping["classes"].items()]
+        lines += [f"Every number is in the mapped label set ({len(rows)} classes; scores "
+                  f"of several CT-RATE classes merged by `{mapping['merge']}`; labels "
+                  "present if any member is present).", "",
+                  *_table(["class", "CT-RATE columns"], rows)]
+    lines += _zero_shot_md(_detection(metrics))
     lines += _classification_md("Classification, protocol (a) — OPTIMISTIC "
                                 "(thresholds fitted on this data)",
                                 metrics["classification"]["optimistic"])
@@ -246,17 +263,23 @@ def markdown_report(metrics: dict) -> str:
 def write_report(directory: str, metrics: dict, volume_names: Sequence[str],
                  names: Sequence[str], labels: np.ndarray, scores: np.ndarray,
                  thresholds: np.ndarray | None = None) -> dict[str, str]:
-    """Writes the five output files into `directory`; returns {kind: path}."""
+    """Writes the six output files into `directory`; returns {kind: path}."""
+    from ct_rate_jax.evaluation import html_report
+
     os.makedirs(directory, exist_ok=True)
     paths = {k: os.path.join(directory, f) for k, f in (
-        ("metrics", METRICS_FILE), ("report", REPORT_FILE), ("roc", ROC_FILE),
-        ("pr", PR_FILE), ("scores", SCORES_FILE))}
+        ("metrics", METRICS_FILE), ("report", REPORT_FILE), ("html", HTML_FILE),
+        ("roc", ROC_FILE), ("pr", PR_FILE), ("scores", SCORES_FILE))}
     metrics = json_safe(metrics)
     write_json(paths["metrics"], metrics)
+    markdown = markdown_report(metrics)
     with open(paths["report"], "w", encoding="utf-8") as f:
-        f.write(markdown_report(metrics))
+        f.write(markdown)
+    kind = "Zero-shot" if "zero_shot" in metrics else "ClassFine"
     plot_roc_curves(paths["roc"], names, labels, scores, thresholds,
-                    "Zero-shot ROC curves (dot: protocol (a) threshold, optimistic)")
-    plot_pr_curves(paths["pr"], names, labels, scores, "Zero-shot precision-recall curves")
+                    f"{kind} ROC curves (dot: protocol (a) threshold, optimistic)")
+    plot_pr_curves(paths["pr"], names, labels, scores, f"{kind} precision-recall curves")
     write_scores_csv(paths["scores"], volume_names, names, labels, scores)
+    html_report.write_html(paths["html"], markdown,
+                           {"ROC curves": paths["roc"], "Precision-recall curves": paths["pr"]})
     return paths

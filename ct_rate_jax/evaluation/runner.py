@@ -5,6 +5,10 @@
     result.metrics      # JSON-able dict, the body of metrics.json
     result.scores       # float[N, C] zero-shot P(present) of the test volumes
 
+    # Scores from elsewhere (a ClassFine head), or in another label set:
+    result = evaluate_scores(test_set, scores, settings, val_set, val_scores,
+                             scoring=CLASSFINE_SCORING, mapping=RAD_CHESTCT_MAPPING)
+
 No model code (numpy only): `embedding.embed_batches` makes the `EmbeddedSet`s.  Definitions of
 every number are in docs/evaluation.md.
 """
@@ -17,6 +21,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ct_rate_jax.evaluation import bootstrap, retrieval, thresholds, zero_shot
+from ct_rate_jax.evaluation.label_mapping import LabelMapping
 from ct_rate_jax.evaluation.metrics import ClassificationMetrics, classification_metrics
 from data_pipeline.schema import ABNORMALITIES
 
@@ -65,13 +70,28 @@ class EvaluationSettings:
     random_baseline_dim: int = 512
 
 
+@dataclasses.dataclass(frozen=True)
+class Scoring:
+    """Where the scores come from: `section` is their metrics.json key."""
+
+    section: str
+    description: str
+
+
+ZERO_SHOT_SCORING = Scoring("zero_shot", "softmax over the prompt pair, P(present)")
+CLASSFINE_SCORING = Scoring("classfine", "sigmoid of the ClassFine head's logit, "
+                            "sigmoid(relu(image latent) @ W.T + b)")
+
+
 @dataclasses.dataclass
 class EvaluationResult:
     metrics: dict[str, Any]
-    scores: np.ndarray  # float[N, C] test zero-shot scores
+    scores: np.ndarray  # float[N, C] test scores (in the mapped label set, if any)
     val_scores: np.ndarray | None
     optimistic: ClassificationMetrics
     held_out: ClassificationMetrics | None
+    labels: np.ndarray | None = None  # float[N, C] test labels the scores are judged by
+    names: tuple[str, ...] = ABNORMALITIES
 
 
 def _clean(x) -> float | None:
@@ -98,12 +118,14 @@ def _bootstrap_note(settings: EvaluationSettings) -> dict:
 # Zero-shot AUROC and threshold metrics
 # ----------------------------------------------------------------------------------
 
-def zero_shot_section(labels, scores, settings: EvaluationSettings) -> dict:
+def zero_shot_section(labels, scores, settings: EvaluationSettings,
+                      scoring: Scoring = ZERO_SHOT_SCORING) -> dict:
     """Per-class AUROC, macro ("mean", the paper's) and weighted mean, with CIs."""
     names = list(settings.names)
     auroc = zero_shot.auroc_per_class(labels, scores)
-    section = {"templates": [settings.positive_template, settings.negative_template],
-               "score": "softmax over the prompt pair, P(present)",
+    templates = ([settings.positive_template, settings.negative_template]
+                 if scoring == ZERO_SHOT_SCORING else None)
+    section = {"templates": templates, "score": scoring.description,
                "num_volumes": int(len(labels)),
                "positives": {n: int((labels[:, c] == 1).sum()) for c, n in enumerate(names)},
                "auroc": {n: _clean(a) for n, a in zip(names, auroc)},
@@ -218,35 +240,66 @@ def report_volume_section(text_latents, image_latents, settings: EvaluationSetti
 def evaluate_embeddings(test: EmbeddedSet, positive_latents: np.ndarray,
                         negative_latents: np.ndarray, logit_scale: float,
                         settings: EvaluationSettings = EvaluationSettings(),
-                        val: EmbeddedSet | None = None) -> EvaluationResult:
-    """All metrics of one evaluation.
+                        val: EmbeddedSet | None = None,
+                        mapping: LabelMapping | None = None) -> EvaluationResult:
+    """All metrics of one zero-shot evaluation.
 
     Args:
       test: the evaluation set (labels float[N, C] in `settings.names` order).
       positive_latents, negative_latents: float[C, L] prompt latents.
       logit_scale: the model's exp(temperature).
       val: a separate validation set for protocol (b); None skips it.
+      mapping: evaluate in another label set (`evaluate_scores`).
+    """
+    def scores_of(embedded):
+        return zero_shot.zero_shot_scores(embedded.image_latents, positive_latents,
+                                          negative_latents, logit_scale)
+
+    result = evaluate_scores(test, scores_of(test), settings, val,
+                             scores_of(val) if val is not None else None, mapping=mapping)
+    result.metrics["logit_scale"] = float(logit_scale)
+    return result
+
+
+def evaluate_scores(test: EmbeddedSet, scores: np.ndarray,
+                    settings: EvaluationSettings = EvaluationSettings(),
+                    val: EmbeddedSet | None = None, val_scores: np.ndarray | None = None,
+                    *, scoring: Scoring = ZERO_SHOT_SCORING,
+                    mapping: LabelMapping | None = None) -> EvaluationResult:
+    """All metrics of one evaluation from per-volume scores float[N, C] (C =
+    len(settings.names), the data's label columns).
+
+    With `mapping`, scores and labels (test and validation) are first mapped into its
+    label set (`LabelMapping.map_scores` / `map_labels`) and every number, retrieval
+    relevance included, is computed there; `metrics["label_mapping"]` records it.
     """
     names = list(settings.names)
-    if test.labels.shape[1] != len(names):
-        raise ValueError(f"the data has {test.labels.shape[1]} label columns but "
-                         f"{len(names)} class names")
+    if test.labels.shape[1] != len(names) or scores.shape != test.labels.shape:
+        raise ValueError(f"the data has {test.labels.shape[1]} label columns, the scores "
+                         f"{scores.shape}, and there are {len(names)} class names")
+    if (val is None) != (val_scores is None):
+        raise ValueError("val and val_scores come together")
+    labels, val_labels = test.labels, (val.labels if val is not None else None)
+    if mapping is not None:
+        if tuple(mapping.source_names) != tuple(names):
+            raise ValueError("the label mapping's source classes are not the data's columns")
+        scores, labels = mapping.map_scores(scores), mapping.map_labels(labels)
+        if val is not None:
+            val_scores, val_labels = mapping.map_scores(val_scores), mapping.map_labels(val_labels)
+        settings = dataclasses.replace(settings, names=tuple(mapping.target_names))
+        names = list(settings.names)
     notes: list[str] = []
-    scores = zero_shot.zero_shot_scores(test.image_latents, positive_latents,
-                                        negative_latents, logit_scale)
-    optimistic = thresholds.optimistic_metrics(test.labels, scores, names)
-    classification = {"optimistic": classification_section(test.labels, scores, optimistic,
+    optimistic = thresholds.optimistic_metrics(labels, scores, names)
+    classification = {"optimistic": classification_section(labels, scores, optimistic,
                                                            settings)}
-    held_out, val_scores = None, None
+    held_out = None
     if val is not None:
-        val_scores = zero_shot.zero_shot_scores(val.image_latents, positive_latents,
-                                                negative_latents, logit_scale)
-        cut = thresholds.validation_thresholds(val.labels, val_scores,
+        cut = thresholds.validation_thresholds(val_labels, val_scores,
                                                settings.threshold_criterion)
         held_out = classification_metrics(
-            test.labels, scores, cut, names,
+            labels, scores, cut, names,
             thresholds.PROTOCOL_VALIDATION.format(criterion=settings.threshold_criterion))
-        classification["held_out"] = classification_section(test.labels, scores, held_out,
+        classification["held_out"] = classification_section(labels, scores, held_out,
                                                             settings)
         classification["held_out"]["num_validation_volumes"] = len(val)
         overlap = set(val.volume_names) & set(test.volume_names)
@@ -256,16 +309,19 @@ def evaluate_embeddings(test: EmbeddedSet, positive_latents: np.ndarray,
     else:
         classification["held_out"] = None
         notes.append("protocol (b) not run: pass --val-data (a split disjoint from "
-                      "--data, by patient)")
+                     "--data, by patient)")
     metrics: dict[str, Any] = {
-        "zero_shot": zero_shot_section(test.labels, scores, settings),
+        scoring.section: zero_shot_section(labels, scores, settings, scoring),
         "classification": classification,
         "retrieval": {"volume_to_volume": volume_to_volume_section(
-            test.image_latents, test.labels, settings, notes)},
-        "logit_scale": float(logit_scale),
+            test.image_latents, labels, settings, notes)},
     }
+    if mapping is not None:
+        metrics["label_mapping"] = {"merge": mapping.merge, "classes": {
+            target: list(members) for target, members in mapping.groups}}
     if test.text_latents is not None:
         metrics["retrieval"].update(report_volume_section(
             test.text_latents, test.image_latents, settings, notes))
     metrics["notes"] = notes
-    return EvaluationResult(metrics, scores, val_scores, optimistic, held_out)
+    return EvaluationResult(metrics, scores, val_scores, optimistic, held_out, labels,
+                            tuple(names))

@@ -65,6 +65,12 @@ def test_outputs_are_complete(evaluated):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     report = (out / "report.md").read_text()
     assert "OPTIMISTIC" in report and "held-out" in report and "Recall@k" in report
+    assert run["model_kind"] == "CT-CLIP" and run["scoring"]["section"] == "zero_shot"
+    # report.html: the same tables (one per Markdown table) and both plots embedded.
+    html = (out / "report.html").read_text()
+    assert html.count("<table>") == sum(line.startswith("|---")
+                                        for line in report.splitlines())
+    assert "OPTIMISTIC" in html and html.count("data:image/png;base64,") == 2
     rows = list(csv.DictReader((out / "scores.csv").open()))
     assert len(rows) == n and list(rows[0])[0] == "VolumeName"
     assert len({r["VolumeName"] for r in rows}) == n
@@ -126,3 +132,23 @@ def test_model_directory_and_user_errors(trained_run, tiny_synthetic_data,
     assert evaluate.main(["--workdir", str(trained_run), "--data", "/no/such/shards",
                           "--out", str(tmp_path / "x")]) == 1
     assert "/no/such/shards" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_shares_of_several_processes_gather_to_the_single_process_result(
+        tiny_model_dir, tiny_synthetic_data):
+    """Each of 2 processes embeds its share (called here with process_index /
+    process_count, in this one process); merged, they are the single-process set."""
+    from ct_rate_jax.evaluation import distributed, embedding
+
+    embedder = embedding.Embedder(checkpoint_io.load_converted(tiny_model_dir)[0])
+    common = (tiny_synthetic_data.shard_dir("train"), tiny_synthetic_data.tokenizer_path, 32,
+              ("findings",), 4)
+    whole = evaluate.embed_shards(embedder, *common, texts=False)
+    shares = [evaluate.embed_shards(embedder, *common, texts=False, process_index=p,
+                                    process_count=2) for p in range(2)]
+    assert 0 < len(shares[0][0]) < len(whole)
+    merged = distributed.merge_parts(shares)
+    assert merged.volume_names == whole.volume_names
+    np.testing.assert_array_equal(merged.labels, whole.labels)
+    np.testing.assert_allclose(merged.image_latents, whole.image_latents, atol=1e-6)
