@@ -44,33 +44,30 @@ def test_export_reloads_bitwise(tiny_synthetic_data, tmp_path, capsys):
 
 @pytest.mark.slow
 def test_export_of_user_scans_uses_the_training_preprocessing(
-        tiny_model_dir, tiny_synthetic_data, tmp_path, monkeypatch):
+        tiny_model_dir, tiny_synthetic_data, tmp_path):
     """NIfTI / DICOM input goes through `data_pipeline.user_scans.iter_user_volumes`
-    (written on the ingest branch; a stand-in with its signature here) with the
-    preprocessing of the data the model was trained on."""
+    with the preprocessing of the data the model was trained on; an unreadable file is
+    skipped and recorded."""
     import json
     import shutil
-    import sys
-    import types
+
+    import nibabel as nib
 
     from data_pipeline.input_pipeline import normalise_hu
     from data_pipeline.preprocess import PreprocessConfig
+    from data_pipeline.user_scans import iter_user_volumes
 
+    # Real NIfTI files (int16 HU, 8 x 8 x 15 mm voxels, 24 slices, coarse like the tiny model's
+    # 22.5 x 22.5 x 45 mm grid) and one truncated file.
     rng = np.random.default_rng(0)
-    volumes = rng.integers(-1200, 1500, (3, 8, 16, 16)).astype(np.int16)
-    seen = {}
-
-    def iter_user_volumes(path, config, *, errors=None):
-        seen["path"], seen["config"] = path, config
-        for i, volume in enumerate(volumes):
-            yield f"patient/scan_{i}.nii.gz", volume, {"kind": "nifti",
-                                                       "original_spacing_mm": (1.0, 0.7, 0.7),
-                                                       "num_slices": np.int64(40)}
-        errors.append((f"{path}/broken.dcm", "not a DICOM file"))
-
-    stand_in = types.ModuleType("data_pipeline.user_scans")
-    stand_in.iter_user_volumes = iter_user_volumes
-    monkeypatch.setitem(sys.modules, "data_pipeline.user_scans", stand_in)
+    scans = tmp_path / "scans" / "patient"
+    scans.mkdir(parents=True)
+    for i in range(3):
+        stored_xyz = rng.integers(-1200, 1500, (40, 40, 24)).astype(np.int16)
+        image = nib.Nifti1Image(stored_xyz, np.diag([8.0, 8.0, 15.0, 1.0]))
+        nib.save(image, str(scans / f"scan_{i}.nii.gz"))
+    (scans / "scan_9.nii.gz").write_bytes((scans / "scan_0.nii.gz").read_bytes()[:100])
+    scans = scans.parent
 
     # A model directory fine-tuned on the tiny shards records their preprocessing.
     model_dir = tmp_path / "model"
@@ -80,15 +77,13 @@ def test_export_of_user_scans_uses_the_training_preprocessing(
     (model_dir / "finetune.json").write_text(json.dumps({
         "method": "VocabFine", "data": {"train": {"preprocessing": manifest["preprocessing"],
                                                   "manifest": "train/manifest.json"}}}))
-    scans = tmp_path / "scans"
-    scans.mkdir()
     out = tmp_path / "scans.npz"
     assert export_embeddings.main(["--checkpoint", str(model_dir), "--data", str(scans),
                                    "--out", str(out), "--batch-size", "2", "--tokens"]) == 0
-    assert seen["config"] == PreprocessConfig(
-        target_spacing_mm=(45.0, 22.5, 22.5), target_shape=(8, 16, 16))
     names, arrays, metadata = embedding_io.load_npz(str(out))
     assert names == [f"patient/scan_{i}.nii.gz" for i in range(3)]
+    config = PreprocessConfig(target_spacing_mm=(45.0, 22.5, 22.5), target_shape=(8, 16, 16))
+    volumes = [volume for _, volume, _ in iter_user_volumes(str(scans), config, errors=[])]
     embedder = embedding.Embedder(checkpoint_io.load_converted(model_dir)[0])
     inputs = np.stack([normalise_hu(v) for v in volumes])
     expected = np.concatenate([embedder.images(inputs[:2]), embedder.images(inputs[2:])])
@@ -96,6 +91,8 @@ def test_export_of_user_scans_uses_the_training_preprocessing(
     assert arrays["tokens"].shape[0] == 3
     assert metadata["preprocessing"]["config"]["target_shape"] == [8, 16, 16]
     assert "fine-tuning data" in metadata["preprocessing"]["source"]
-    assert metadata["data"]["skipped"] == [[f"{scans}/broken.dcm", "not a DICOM file"]]
+    [(skipped_path, reason)] = metadata["data"]["skipped"]
+    assert skipped_path.endswith("scan_9.nii.gz") and reason
     info = metadata["data"]["volumes"]["patient/scan_0.nii.gz"]
-    assert info["original_spacing_mm"] == [1.0, 0.7, 0.7] and info["num_slices"] == 40
+    assert info["original_spacing_mm"] == [15.0, 8.0, 8.0] and info["kind"] == "nifti"
+    assert info["original_shape_dhw"] == [24, 40, 40]
