@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import logging
 import os
 import platform
 import time
@@ -58,7 +59,15 @@ def load_settings(gin_files, gin_params, depth: int | None = None,
     import experiments.pretrain  # noqa: F401  (registers `train`)
     from experiments import gin_setup
 
-    gin_setup.parse_gin(gin_files, gin_params)
+    # Gin logs a harmless "Path not found" through the root logger before it finds an
+    # `include`d file on its search path; absl (which pretrain sets up) is not set up here.
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.CRITICAL)
+    try:
+        gin_setup.parse_gin(gin_files, gin_params)
+    finally:
+        root.setLevel(level)
 
     def bound(name, default=None):
         try:
