@@ -27,7 +27,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from ct_rate_jax import checkpoint_io, sharding
+from ct_rate_jax import checkpoint_io, flops, hardware, sharding
 from ct_rate_jax.evaluation import zero_shot
 from ct_rate_jax.models.ct_clip import CTCLIP, CTCLIPConfig
 from ct_rate_jax.training import checkpoints, preemption, train_state
@@ -150,6 +150,7 @@ def train(workdir: str = gin.REQUIRED,
           sentence_sampling_prob: float = 0.0,
           mesh_shape: tuple[int, int, int] = (-1, 1, 1),
           compute_dtype: str = "float32",
+          remat_policy: str | None = None,
           loss: str = "softmax",
           chunked_loss: bool = False,
           grad_accum_steps: int = 1,
@@ -185,6 +186,10 @@ def train(workdir: str = gin.REQUIRED,
         sentences instead of the whole report (text augmentation; 0 = off).
       loss: "softmax" (InfoNCE, official) or "sigmoid" (SigLIP; needs
         `CTCLIPConfig.init_logit_bias`).
+      compute_dtype: "float32" or "bfloat16" (matmuls and activations; parameters and
+        optimizer state stay float32).
+      remat_policy: None or "full" / "dots" / "dots_no_batch": rematerialise every
+        transformer block with that `jax.checkpoint_policies` policy.
       chunked_loss: compute the loss with the `shard_map` ring (never the whole [B, B]
         logit matrix on one device).
       grad_accum_steps: micro-batches per step; the gradient is still the global batch's
@@ -229,7 +234,8 @@ def train(workdir: str = gin.REQUIRED,
 
     # --- Train state, fresh or restored. ---
     dtype = COMPUTE_DTYPES[compute_dtype]
-    model_factory = lambda rngs: CTCLIP(model, rngs=rngs, dtype=dtype)  # noqa: E731
+    model_factory = lambda rngs: CTCLIP(model, rngs=rngs, dtype=dtype,  # noqa: E731
+                                        remat_policy=remat_policy)
     tx, schedule = optimizer(total_steps=max(num_steps, 1))
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             max_to_keep=keep_checkpoints)
@@ -268,7 +274,11 @@ def train(workdir: str = gin.REQUIRED,
     meta = {"model": repr(model), "global_batch_size": global_batch_size}
     last_metrics: dict[str, Any] = {}
     pending = None
-    throughput = _Throughput(start_step, global_batch_size)
+    depth = input_pipeline.peek_record(paths.train).volume_hu.shape[0]
+    throughput = _Throughput(
+        start_step, global_batch_size,
+        flops.clip_step_flops(model, global_batch_size, depth, max_text_length).train_step
+        / jax.device_count(), hardware.peak_flops_per_device(compute_dtype)[0])
     stopped_at = None
     watch = None  # (step, metrics, volume names) of the step whose finiteness is checked next
     try:
@@ -372,12 +382,15 @@ def _check_finite(watch, policy: str, throughput, log) -> None:
 
 
 class _Throughput:
-    """Volumes/s, the share of time spent waiting for data (between two logged steps) and
-    the running count of rows that replaced an unreadable record (`train.bad_records`)."""
+    """Volumes/s, model TFLOP/s per device and MFU (`ct_rate_jax.flops`, `hardware`),
+    the share of time spent waiting for data (between two logged steps) and the running
+    count of rows that replaced an unreadable record (`train.bad_records`)."""
 
-    def __init__(self, step: int, global_batch_size: int):
+    def __init__(self, step: int, global_batch_size: int, flops_per_device_step: float = 0.0,
+                 peak_flops: float | None = None):
         self.step, self.time = step, time.perf_counter()
         self.global_batch_size = global_batch_size
+        self.flops_per_device_step, self.peak_flops = flops_per_device_step, peak_flops
         self.data_wait = 0.0
         self.substituted = 0  # rows of this host that replaced an unreadable record
         self.nonfinite = 0  # steps whose update was refused (non-finite loss/gradients)
@@ -385,10 +398,14 @@ class _Throughput:
     def measure(self, step: int) -> dict[str, float]:
         now = time.perf_counter()
         elapsed = max(now - self.time, 1e-9)
+        flops_per_s = (step - self.step) * self.flops_per_device_step / elapsed
         values = {"volumes_per_s": (step - self.step) * self.global_batch_size / elapsed,
+                  "tflops_per_device": flops_per_s / 1e12,
                   "data_wait_fraction": min(self.data_wait / elapsed, 1.0),
                   "substituted_records": float(self.substituted),
                   "nonfinite_steps": float(self.nonfinite)}
+        if self.peak_flops:  # unknown for a device kind not in hardware.PEAK_TFLOPS
+            values["mfu"] = flops_per_s / self.peak_flops
         self.step, self.time, self.data_wait = step, now, 0.0
         return values
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ct_rate_jax.models import layers
 from ct_rate_jax.models.layers import layer_norm, linear, sharded
 
 # Hugging Face `model_type`s whose checkpoints hold a plain BERT encoder with absolute
@@ -258,13 +259,19 @@ class BertLayer(nnx.Module):
 
 
 class BertEncoder(nnx.Module):
-    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype: Any = None):
+    def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype: Any = None,
+                 remat_policy: str | None = None):
         self.layer = nnx.List([BertLayer(config, rngs=rngs, dtype=dtype)
                                for _ in range(config.num_hidden_layers)])
+        layers.check_remat_policy(remat_policy)
+        self.remat_policy = remat_policy
 
     def __call__(self, x: jax.Array, mask_bias: jax.Array, *, deterministic: bool) -> jax.Array:
+        apply = layers.remat(
+            lambda block, x, mask_bias: block(x, mask_bias, deterministic=deterministic),
+            self.remat_policy)
         for block in self.layer:
-            x = block(x, mask_bias, deterministic=deterministic)
+            x = apply(block, x, mask_bias)
         return x
 
 
@@ -291,14 +298,16 @@ class BertModel(nnx.Module):
       dtype: compute dtype of the matmuls and activations (None = float32).  Parameters
         stay float32.
       add_pooler: also create the dense+tanh pooler (see `pool`).
+      remat_policy: None, or a name of `layers.REMAT_POLICIES`: each layer is
+        rematerialised with it.
     """
 
     def __init__(self, config: BertConfig, *, rngs: nnx.Rngs, dtype: Any = None,
-                 add_pooler: bool = False):
+                 add_pooler: bool = False, remat_policy: str | None = None):
         self.config = config
         self.dtype = dtype
         self.embeddings = BertEmbeddings(config, rngs=rngs, dtype=dtype)
-        self.encoder = BertEncoder(config, rngs=rngs, dtype=dtype)
+        self.encoder = BertEncoder(config, rngs=rngs, dtype=dtype, remat_policy=remat_policy)
         self.pooler = BertPooler(config, rngs=rngs, dtype=dtype) if add_pooler else None
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None,

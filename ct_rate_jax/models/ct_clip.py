@@ -111,13 +111,25 @@ def variant(name: str, **text_overrides: Any) -> CTCLIPConfig:
 
 
 class CTCLIP(nnx.Module):
-    """The CT-CLIP model.  `dtype` is the compute dtype; parameters stay float32."""
+    """The CT-CLIP model.
 
-    def __init__(self, config: CTCLIPConfig, *, rngs: nnx.Rngs, dtype: Any = None):
+    dtype: the compute dtype (None = float32; bfloat16 on accelerators).  Parameters,
+      and so the optimizer state, stay float32; softmax, LayerNorm statistics, the
+      latents and the loss are float32.
+    remat_policy: None, or a name of `layers.REMAT_POLICIES` ("full", "dots",
+      "dots_no_batch"): every transformer block of both towers is rematerialised with
+      that policy (activations recomputed in the backward pass instead of stored).
+      Changes memory and time, not the parameters or the numbers.
+    """
+
+    def __init__(self, config: CTCLIPConfig, *, rngs: nnx.Rngs, dtype: Any = None,
+                 remat_policy: str | None = None):
         self.config = config
-        self.visual_transformer = CTViT(config.ctvit, rngs=rngs, dtype=dtype)
+        self.visual_transformer = CTViT(config.ctvit, rngs=rngs, dtype=dtype,
+                                        remat_policy=remat_policy)
         self.text_transformer = BertModel(config.text, rngs=rngs, dtype=dtype,
-                                          add_pooler=config.text_pooler)
+                                          add_pooler=config.text_pooler,
+                                          remat_policy=remat_policy)
         self.to_visual_latent = layers.linear(
             config.ctvit.pooled_features, config.dim_latent, ("image_features", "latent"),
             use_bias=False, rngs=rngs, dtype=dtype)

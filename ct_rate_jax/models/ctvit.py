@@ -257,16 +257,23 @@ class Transformer(nnx.Module):
     where the spatial and temporal transformers (and the official temporal quirk) differ.
     """
 
-    def __init__(self, config: CTViTConfig, depth: int, *, rngs: nnx.Rngs, dtype: Any = None):
+    def __init__(self, config: CTViTConfig, depth: int, *, rngs: nnx.Rngs, dtype: Any = None,
+                 remat_policy: str | None = None):
         self.layers = nnx.List([TransformerLayer(config, rngs=rngs, dtype=dtype)
                                 for _ in range(depth)])
         self.norm_out = layers.FixedBiasLayerNorm(config.dim)
+        layers.check_remat_policy(remat_policy)
+        self.remat_policy = remat_policy
 
     def __call__(self, x_bnd, to_grid, from_grid, attn_bias=None):
-        for layer in self.layers:
+        def block(layer, x_bnd, attn_bias):
             x_bnd = from_grid(layer.peg(to_grid(x_bnd))) + x_bnd
             x_bnd = layer.attn(x_bnd, attn_bias) + x_bnd
-            x_bnd = layer.ff(x_bnd) + x_bnd
+            return layer.ff(x_bnd) + x_bnd
+
+        block = layers.remat(block, self.remat_policy)
+        for layer in self.layers:
+            x_bnd = block(layer, x_bnd, attn_bias)
         return self.norm_out(x_bnd)
 
 
@@ -315,16 +322,21 @@ class VectorQuantizer(nnx.Module):
 
 
 class CTViT(nnx.Module):
-    """The CT-ViT encoder: volume float[B, D, H, W] -> tokens float[B, T, h, w, dim]."""
+    """The CT-ViT encoder: volume float[B, D, H, W] -> tokens float[B, T, h, w, dim].
 
-    def __init__(self, config: CTViTConfig, *, rngs: nnx.Rngs, dtype: Any = None):
+    dtype: compute dtype (parameters stay float32).  remat_policy: None, or a name of
+    `layers.REMAT_POLICIES`: each transformer layer is rematerialised with it.
+    """
+
+    def __init__(self, config: CTViTConfig, *, rngs: nnx.Rngs, dtype: Any = None,
+                 remat_policy: str | None = None):
         self.config = config
         self.to_patch_emb = PatchEmbedding(config, rngs=rngs, dtype=dtype)
         self.spatial_rel_pos_bias = ContinuousPositionBias(config.dim, config.heads, rngs=rngs)
         self.enc_spatial_transformer = Transformer(config, config.spatial_depth, rngs=rngs,
-                                                   dtype=dtype)
+                                                   dtype=dtype, remat_policy=remat_policy)
         self.enc_temporal_transformer = Transformer(config, config.temporal_depth, rngs=rngs,
-                                                    dtype=dtype)
+                                                    dtype=dtype, remat_policy=remat_policy)
         self.vq = (VectorQuantizer(config.dim, config.codebook_size, decay=config.vq_decay,
                                    rngs=rngs) if config.use_vq else None)
 

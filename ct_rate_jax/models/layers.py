@@ -15,7 +15,7 @@ Every parameter carries the logical names of its axes (``sharding`` metadata);
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -87,3 +87,27 @@ def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
     """
     squared = jnp.sum(jnp.square(x), axis=axis, keepdims=True)
     return x * jax.lax.rsqrt(jnp.maximum(squared, eps * eps))
+
+
+# Rematerialisation policies for `remat_policy` (per transformer block): what the
+# forward pass keeps for the backward pass; everything else is recomputed.
+REMAT_POLICIES: dict[str, Callable[..., bool]] = {
+    "full": jax.checkpoint_policies.nothing_saveable,       # keep only block inputs
+    "dots": jax.checkpoint_policies.dots_saveable,          # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def check_remat_policy(policy: str | None) -> None:
+    if policy is not None and policy not in REMAT_POLICIES:
+        raise ValueError(f"remat_policy must be None or one of {sorted(REMAT_POLICIES)}, "
+                         f"got {policy!r}")
+
+
+def remat(fn: Callable, policy: str | None) -> Callable:
+    """`fn` (a block applied as `fn(module, *arrays)`) rematerialised with the named
+    policy, or `fn` itself for None.  Static (non-array) arguments must be closed over."""
+    check_remat_policy(policy)
+    if policy is None:
+        return fn
+    return nnx.remat(fn, policy=REMAT_POLICIES[policy])

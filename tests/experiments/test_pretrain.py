@@ -26,8 +26,10 @@ def test_train_resume_and_zero_shot(tiny_synthetic_data, tmp_path):
     logged = metrics(tmp_path / "resumed")
     assert [m["step"] for m in logged] == [2, 3, 4, 6]
     for record in logged:
-        for key in ("loss", "learning_rate", "volumes_per_s", "grad_norm"):
+        for key in ("loss", "learning_rate", "volumes_per_s", "grad_norm",
+                    "tflops_per_device", "mfu", "data_wait_fraction"):
             assert key in record
+        assert record["tflops_per_device"] > 0 and 0 < record["mfu"] < 1.5
     assert sorted(os.listdir(tmp_path / "resumed" / "checkpoints")) == ["3", "6"]
     assert os.listdir(tmp_path / "resumed" / "tensorboard")
     zero_shot = json.loads((tmp_path / "resumed" / "zero_shot.json").read_text())
