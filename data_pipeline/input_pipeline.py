@@ -360,13 +360,16 @@ def make_train_dataset(config: PipelineConfig, *, process_index: int = 0,
     dataset = (grain.MapDataset.source(indexed)
                .shuffle(seed=config.seed)
                .repeat(num_epochs))
-    dataset = _HostRowsOfGlobalBatches(dataset, config.global_batch_size, process_index,
-                                       process_count)
+    # The augmentation's random stream is drawn from the global element index (before
+    # the host's rows are picked; MapDataset is lazy, so only those rows are decoded):
+    # the global batch does not depend on the number of hosts.
     dataset = dataset.random_map(
         RecordToExample(_text_encoder(config), config.text_sections, config.hu_window,
                         config.sentence_sampling_prob, source=indexed, locator=locator,
                         bad_records=config.bad_records, augmentation=config.augmentation),
         seed=config.seed)
+    dataset = _HostRowsOfGlobalBatches(dataset, config.global_batch_size, process_index,
+                                       process_count)
     dataset = dataset.batch(config.global_batch_size // process_count, drop_remainder=True,
                             batch_fn=BatchExamples(config.hu_window))
     return _prefetch(dataset, config)

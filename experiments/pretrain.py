@@ -1,14 +1,16 @@
 r"""Contrastive pretraining of CT-CLIP on prepared CT-RATE shards.
 
   python -m experiments.pretrain --gin experiments/configs/demo.gin [--gin_param K=V ...]
-         [--workdir DIR] [--steps N]
+         [--workdir DIR] [--steps N] [--profile_steps START:END]
+         [--coordinator_address HOST:PORT --num_processes N --process_id I]
 
 Rerunning the same command in the same workdir resumes from the newest checkpoint
 (model, optimizer and data iterator together).  SIGTERM (preemption) or Ctrl-C ends the
 run after the current step with a checkpoint on disk and exit status 0.  Metrics go to
 <workdir>/metrics.jsonl and TensorBoard files in <workdir>/tensorboard; with
 `train.zero_shot_at_end` the run ends with the zero-shot abnormality table on the
-evaluation shards.
+evaluation shards.  On a TPU slice, a SLURM step or with the --coordinator_address
+flags the same command runs as one process per host (or GPU); see docs/scaling.md.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from flax import nnx
 from ct_rate_jax import checkpoint_io, flops, hardware, sharding
 from ct_rate_jax.evaluation import zero_shot
 from ct_rate_jax.models.ct_clip import CTCLIP, CTCLIPConfig
-from ct_rate_jax.training import checkpoints, preemption, train_state
+from ct_rate_jax.training import checkpoints, distributed, preemption, profiling, train_state
 from ct_rate_jax.training.metrics_writer import MetricsWriter
 from data_pipeline import input_pipeline, schema
 from data_pipeline.tokenizer import TextEncoder
@@ -42,6 +44,16 @@ flags.DEFINE_multi_string("gin", [], "gin config file(s), applied in order")
 flags.DEFINE_multi_string("gin_param", [], "gin bindings, e.g. train.num_steps=100")
 flags.DEFINE_string("workdir", None, "run directory (overrides train.workdir)")
 flags.DEFINE_integer("steps", None, "number of training steps (overrides train.num_steps)")
+flags.DEFINE_string("profile_steps", None, "START:END: write a jax.profiler trace of these "
+                    "steps to <workdir>/profile (overrides train.profile_steps)")
+# Multi-process runs (ct_rate_jax/training/distributed.py); TPU slices, SLURM steps and
+# Open MPI jobs are detected without them.
+flags.DEFINE_enum("distributed", "auto", distributed.MODES, "join a multi-process run: "
+                  "auto (when the flags below are given or a cluster is detected), on, off")
+flags.DEFINE_string("coordinator_address", None, "host:port of process 0's coordinator")
+flags.DEFINE_integer("num_processes", None, "number of processes in the run")
+flags.DEFINE_integer("process_id", None, "this process's index, 0 .. num_processes - 1")
+flags.DEFINE_list("local_device_ids", None, "local devices this process drives, e.g. 0,1")
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -61,8 +73,9 @@ def resolve_data(train_data, eval_data, tokenizer, synthetic_data: SyntheticData
                  log) -> DataPaths:
     """Paths of shards and tokenizer; builds the synthetic demo data when configured."""
     if synthetic_data is not None:
-        if jax.process_index() == 0:
+        if jax.process_index() == 0:  # the others wait for it (a shared filesystem)
             ensure_synthetic_data(synthetic_data, log=log)
+        distributed.barrier("synthetic_data")
         train_data = train_data or synthetic_data.shard_dir("train")
         eval_data = eval_data or synthetic_data.shard_dir("valid")
         tokenizer = tokenizer or synthetic_data.tokenizer_path
@@ -106,25 +119,28 @@ def _pad_rows(array: np.ndarray, multiple: int) -> np.ndarray:
 
 def run_zero_shot(state: train_state.TrainState, pipeline: input_pipeline.PipelineConfig,
                   names=schema.ABNORMALITIES) -> zero_shot.ZeroShotResult:
-    """Zero-shot AUROC over the evaluation shards with the official prompt pair."""
+    """Zero-shot AUROC over the evaluation shards with the official prompt pair.
+
+    Every process reads the whole (small) evaluation set and puts the rows its devices
+    own; the latents are gathered back, so every process scores every volume.
+    """
     embed_images, embed_texts = train_state.make_embed_fns(state)
     mesh = state.mesh
     encoder = TextEncoder.from_path(pipeline.tokenizer_path, pipeline.max_text_length)
     rows = sharding.data_parallel_size(mesh)
+    to_device = lambda value: distributed.global_array_from_full(  # noqa: E731
+        value, sharding.batch_sharding(mesh))
 
     def images(volume):
-        batch = sharding.host_batch_to_global({"volume": volume}, mesh)
-        return np.asarray(jax.device_get(embed_images(state.state, batch["volume"])))
+        return distributed.fetch_global(embed_images(state.state, to_device(volume)))
 
     def prompts(texts):
         ids, mask = encoder.encode_batch(texts)
         ids, mask = _pad_rows(ids, rows), _pad_rows(mask, rows)
-        batch = sharding.host_batch_to_global({"ids": ids, "mask": mask}, mesh)
-        latents = embed_texts(state.state, batch["ids"], batch["mask"])
-        return np.asarray(jax.device_get(latents))[:len(texts)]
+        latents = embed_texts(state.state, to_device(ids), to_device(mask))
+        return distributed.fetch_global(latents)[:len(texts)]
 
-    batches = input_pipeline.iterate_eval_batches(
-        pipeline, process_index=jax.process_index(), process_count=jax.process_count())
+    batches = input_pipeline.iterate_eval_batches(pipeline)
     return zero_shot.evaluate_zero_shot(batches, images, prompts,
                                         train_state.logit_scale(state), names)
 
@@ -133,7 +149,7 @@ def run_zero_shot(state: train_state.TrainState, pipeline: input_pipeline.Pipeli
 # Training
 # ----------------------------------------------------------------------------------
 
-@gin.configurable(denylist=["workdir_override", "steps_override"])
+@gin.configurable(denylist=["workdir_override", "steps_override", "profile_steps_override"])
 def train(workdir: str = gin.REQUIRED,
           model: CTCLIPConfig = gin.REQUIRED,
           optimizer: Callable = gin.REQUIRED,
@@ -163,8 +179,10 @@ def train(workdir: str = gin.REQUIRED,
           keep_checkpoints: int = 3,
           zero_shot_at_end: bool = True,
           eval_batch_size: int | None = None,
+          profile_steps: str | None = None,
           workdir_override: str | None = None,
-          steps_override: int | None = None) -> dict[str, Any]:
+          steps_override: int | None = None,
+          profile_steps_override: str | None = None) -> dict[str, Any]:
     """Trains CT-CLIP; returns the final metrics (and zero-shot results when run).
 
     Args (the gin bindings):
@@ -200,9 +218,12 @@ def train(workdir: str = gin.REQUIRED,
       nonfinite: a step whose loss or gradient norm is not finite never changes the
         state; "skip" (default) logs it (step, VolumeNames, loss, gradient norm) and goes
         on, counting `nonfinite_steps`; "stop" ends the run with that message.
+      profile_steps: "START:END": a jax.profiler trace of those steps (0-based, END
+        excluded) in <workdir>/profile, written by process 0.
     """
     workdir = workdir_override or workdir
     num_steps = steps_override if steps_override is not None else num_steps
+    profile_window = profiling.parse_profile_steps(profile_steps_override or profile_steps)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
     if num_steps < 0 or global_batch_size <= 0 or log_every <= 0 or checkpoint_every <= 0:
@@ -271,6 +292,8 @@ def train(workdir: str = gin.REQUIRED,
                                           grad_accum_steps=grad_accum_steps)
     writer = MetricsWriter(workdir, total_steps=num_steps, start_step=start_step,
                            enabled=is_main)
+    profiler = profiling.StepProfiler(profile_window, os.path.join(workdir, "profile"),
+                                      enabled=is_main)
     meta = {"model": repr(model), "global_batch_size": global_batch_size}
     last_metrics: dict[str, Any] = {}
     pending = None
@@ -291,7 +314,13 @@ def train(workdir: str = gin.REQUIRED,
                 device_batch = sharding.host_batch_to_global(
                     {k: host_batch[k] for k in ("volume", "input_ids", "attention_mask")},
                     mesh)
-                state.state, metrics = step_fn(state.state, device_batch)
+                if step == start_step:  # every process compiles before any one runs
+                    distributed.compile_then_sync(step_fn, state.state, device_batch,
+                                                  name="train_step")
+                profiler.before_step(step)
+                with profiler.annotate(step):
+                    state.state, metrics = step_fn(state.state, device_batch)
+                profiler.after_step(step, metrics)
                 done = step + 1
                 # The previous step has finished by now (this one is queued behind it).
                 if watch is not None:
@@ -305,11 +334,11 @@ def train(workdir: str = gin.REQUIRED,
                     pending = (done, metrics)
                 saved = done % checkpoint_every == 0 or done == num_steps
                 if saved:
-                    checkpointer.save(done, state.state, data_iter.get_state(), meta)
+                    _save(checkpointer, done, state, data_iter, meta)
                 if done < num_steps and stop.requested():
                     # Preemption or Ctrl-C: keep this step's work, then leave cleanly.
                     if not saved:
-                        checkpointer.save(done, state.state, data_iter.get_state(), meta)
+                        _save(checkpointer, done, state, data_iter, meta)
                     pending = pending or (done, metrics)
                     stopped_at = (done, stop.signal_name or "a stop request on another host")
                     break
@@ -319,6 +348,7 @@ def train(workdir: str = gin.REQUIRED,
                 last_metrics = _log(writer, pending, throughput)
             checkpointer.wait_until_finished()  # durable before we exit 0
     finally:
+        profiler.close()
         writer.close()
         checkpointer.close()
 
@@ -356,6 +386,15 @@ def init_from_model_directory(state: train_state.TrainState, directory: str, log
     log(f"model initialised from {directory}"
         + (f" (config fields that differ, its vs this run's: {'; '.join(differences)})"
            if differences else ""))
+
+
+def _save(checkpointer, step: int, state, data_iter, meta) -> None:
+    """Every process takes part (each writes the array shards it holds); the data
+    iterator state, written once, is the same on every process (it counts global
+    batches), which is checked when there are several."""
+    data_state = data_iter.get_state()
+    distributed.check_same_on_all_processes(data_state, "the data iterator state")
+    checkpointer.save(step, state.state, data_state, meta)
 
 
 NONFINITE_POLICIES = ("skip", "stop")
@@ -427,8 +466,16 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     try:
+        # Before anything else touches JAX: a multi-process run joins its peers here.
+        joined = distributed.initialize(distributed.DistributedSettings(
+            mode=FLAGS.distributed, coordinator_address=FLAGS.coordinator_address,
+            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id,
+            local_device_ids=distributed.parse_device_ids(FLAGS.local_device_ids)))
+        if joined and jax.process_index() == 0:
+            print(f"distributed: {joined}", flush=True)
         gin_setup.parse_gin(FLAGS.gin, FLAGS.gin_param)
-        train(workdir_override=FLAGS.workdir, steps_override=FLAGS.steps)
+        train(workdir_override=FLAGS.workdir, steps_override=FLAGS.steps,
+              profile_steps_override=FLAGS.profile_steps)
     except (gin_setup.ConfigError, ValueError, FileNotFoundError, NonFiniteError) as error:
         # Configuration and input mistakes: one clear line, no traceback.
         sys.exit(f"error: {error}")

@@ -45,7 +45,7 @@ def params(state):
             jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]}
 
 
-def loss_and_grads(mesh):
+def loss_and_grads(mesh, return_state=False):
     """Loss and parameter gradients of one global batch at the initial parameters."""
     tx = optimizer.adamw_warmup_cosine(10)[0]
     state = train_state.TrainState.create(factory, tx, mesh, seed=0)
@@ -61,7 +61,7 @@ def loss_and_grads(mesh):
     loss, grads = compute(state.state, sharding.host_batch_to_global(make_batch(0), mesh))
     flat = {jax.tree_util.keystr(p): np.asarray(g)
             for p, g in jax.tree_util.tree_flatten_with_path(grads)[0]}
-    return float(loss), flat
+    return (float(loss), flat, state) if return_state else (float(loss), flat)
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +74,8 @@ def test_eight_devices_match_one_device(single_device_reference, mesh_shape):
     assert jax.device_count() == 8
     reference_loss, reference_grads = single_device_reference
     mesh = sharding.make_mesh(*mesh_shape)
-    loss, grads = loss_and_grads(mesh)
+    loss, grads, state = loss_and_grads(mesh, return_state=True)
+    assert_placed_as_the_rules_say(state, mesh)
     assert loss == pytest.approx(reference_loss, rel=1e-6)
     largest = max(np.abs(g).max() for g in reference_grads.values())
     for key, grad in grads.items():
@@ -85,6 +86,68 @@ def test_eight_devices_match_one_device(single_device_reference, mesh_shape):
         np.testing.assert_allclose(grad / scale, reference_grads[key] / scale, atol=1e-4,
                                    err_msg=key)
     # Several optimizer steps on 8 devices: tests/experiments/test_pretrain.py.
+
+
+RULES = dict(sharding.LOGICAL_AXIS_RULES)
+
+
+def rule_shard_shape(names, shape, mesh):
+    """What one device holds of a parameter with these logical axis names: each dimension
+    divided by the sizes of the mesh axes its rule names (replicated when they do not
+    divide it)."""
+    held = []
+    for dim, name in zip(shape, names):
+        axes = RULES[name] if name is not None else None
+        axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        size = int(np.prod([mesh.shape[a] for a in axes]))
+        held.append(dim // size if dim % size == 0 else dim)
+    return tuple(held)
+
+
+def assert_placed_as_the_rules_say(state, mesh):
+    """Every parameter, and its Adam moments, lies on the devices in the shards that its
+    logical axis names and the rules table give."""
+    model, optimizer_ = nnx.merge(state.graphdef, state.state)
+    adam = state.state[1]["opt_state"][1][0]
+    moments = {name: {jax.tree_util.keystr(p): v for p, v in
+                      jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(tree))[0]}
+               for name, tree in (("mu", adam.mu), ("nu", adam.nu))}
+    split = 0
+    for path, variable in jax.tree_util.tree_flatten_with_path(
+            nnx.state(model, nnx.Param), is_leaf=lambda x: isinstance(x, nnx.Variable))[0]:
+        value = variable.get_value()
+        names = variable.get_metadata().get("out_sharding") or (None,) * value.ndim
+        want = rule_shard_shape(names, value.shape, mesh)
+        key = jax.tree_util.keystr(path)
+        assert value.addressable_shards[0].data.shape == want, (key, names)
+        assert len(value.addressable_shards) == mesh.size
+        for name, by_key in moments.items():
+            moment = by_key[key]
+            assert moment.addressable_shards[0].data.shape == want, (name, key)
+            assert moment.sharding.is_equivalent_to(value.sharding, value.ndim), (name, key)
+        split += want != value.shape
+    # Meshes with fsdp or tensor > 1 split most weights; pure data parallel none.
+    assert (split > 0) == (mesh.shape["fsdp"] * mesh.shape["tensor"] > 1)
+
+
+def test_v2_sized_weights_are_split_as_the_rules_say():
+    """The released model's shapes, abstractly (nothing allocated), on fsdp=4 x tensor=2:
+    the 294,912 x 512 visual projection is split 4 ways over its input features, the
+    vocabulary over tensor, and the feed-forward width 1365 (odd) stays whole."""
+    abstract = nnx.eval_shape(lambda: ct_clip.CTCLIP(ct_clip.variant("v2"), rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh(1, 4, 2)
+    shardings = sharding.state_shardings(nnx.state(abstract), mesh)
+    kernel = shardings["to_visual_latent"]["kernel"].get_value()
+    assert abstract.to_visual_latent.kernel.shape == (294_912, 512)
+    assert tuple(kernel.spec) == ("fsdp", None)
+    assert kernel.shard_shape((294_912, 512)) == (73_728, 512)
+    words = shardings["text_transformer"]["embeddings"]["word_embeddings"]["embedding"]
+    assert words.get_value().shard_shape((30_522, 768)) == (15_261, 192)
+    ff = shardings["visual_transformer"]["enc_spatial_transformer"]["layers"][0]["ff"]
+    proj_in, proj_out = ff["proj_in"]["kernel"].get_value(), ff["proj_out"]["kernel"].get_value()
+    assert proj_in.shard_shape((512, 2 * 1365)) == (128, 1365)  # 2730 splits over tensor
+    assert tuple(proj_out.spec) == (None, "fsdp")  # 1365 does not: replicated over tensor
+    assert proj_out.shard_shape((1365, 512)) == (1365, 128)
 
 
 def test_parameters_are_sharded_as_the_rules_say():
