@@ -122,6 +122,13 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # an unpickling refusal (weights_only) or a corrupt file
+        if "Weights only load failed" in str(error):
+            # torch's own text suggests weights_only=False, i.e. running the file's code.
+            found = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+            raise ValueError(
+                f"refusing {path}: it holds Python objects other than tensors, and "
+                "unpickling them could run code (read with torch.load(weights_only=True))"
+                + (f"; {found[0]}" if found else "")) from error
         raise ValueError(f"cannot read {path} as a torch checkpoint "
                          f"(torch.load with weights_only=True): {error}") from error
     if isinstance(loaded, Mapping) and "state_dict" in loaded and not any(

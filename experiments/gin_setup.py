@@ -43,10 +43,22 @@ def parse_gin(files: Sequence[str], bindings: Sequence[str] = ()) -> None:
     # an error before finding it on the search path; keep the console clean.
     verbosity = logging.get_verbosity()
     logging.set_verbosity(logging.FATAL)
+    # One file or binding at a time, so that the error names the one that failed.
+    where = ""
     try:
-        gin.parse_config_files_and_bindings(list(files), list(bindings), finalize_config=True)
+        for path in files:
+            where = f"gin file {path}"
+            gin.parse_config_file(path)
+        for binding in bindings:
+            where = f"--gin_param {binding}"
+            gin.parse_config(binding)
+        where = "gin configuration"
+        gin.finalize()
     except (ValueError, KeyError, SyntaxError, IOError) as error:
-        where = ", ".join(list(files) + [f"--gin_param {b}" for b in bindings])
-        raise ConfigError(f"invalid gin configuration ({where}): {error}") from error
+        # Gin appends where in the text it failed, on lines of their own: one line here.
+        detail = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        if where.startswith("--gin_param"):
+            detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConfigError(f"invalid {where}: {detail}") from error
     finally:
         logging.set_verbosity(verbosity)

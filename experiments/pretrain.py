@@ -226,9 +226,17 @@ def train(workdir: str = gin.REQUIRED,
     profile_window = profiling.parse_profile_steps(profile_steps_override or profile_steps)
     is_main = jax.process_index() == 0
     log = print if is_main else (lambda *a, **k: None)
-    if num_steps < 0 or global_batch_size <= 0 or log_every <= 0 or checkpoint_every <= 0:
-        raise ValueError("train.num_steps must be >= 0 and global_batch_size, log_every, "
-                         "checkpoint_every > 0")
+    for name, value, least in (("num_steps (--steps)", num_steps, 0),
+                               ("global_batch_size", global_batch_size, 1),
+                               ("log_every", log_every, 1),
+                               ("checkpoint_every", checkpoint_every, 1),
+                               ("keep_checkpoints", keep_checkpoints, 1),
+                               ("num_data_workers", num_data_workers, 0)):
+        if value < least:
+            raise ValueError(f"train.{name} must be >= {least}, got {value}")
+    if not 0.0 <= sentence_sampling_prob <= 1.0:
+        raise ValueError(f"train.sentence_sampling_prob must be in [0, 1], got "
+                         f"{sentence_sampling_prob}")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
     train_state.check_loss_settings(model, loss, grad_accum_steps)
@@ -242,7 +250,10 @@ def train(workdir: str = gin.REQUIRED,
     # --- Data and model checks, before anything is compiled or written. ---
     paths = resolve_data(train_data, eval_data, tokenizer, synthetic_data, log)
     check_data_fits_model(paths, model, max_text_length)
-    mesh = sharding.make_mesh(*mesh_shape)
+    try:
+        mesh = sharding.make_mesh(*mesh_shape)
+    except ValueError as error:
+        raise ValueError(f"train.mesh_shape = {tuple(mesh_shape)}: {error}") from None
     if global_batch_size % (grad_accum_steps * sharding.data_parallel_size(mesh)):
         raise ValueError(f"train.global_batch_size = {global_batch_size} is not divisible by "
                          f"train.grad_accum_steps ({grad_accum_steps}) x the data-parallel "
@@ -260,11 +271,18 @@ def train(workdir: str = gin.REQUIRED,
     tx, schedule = optimizer(total_steps=max(num_steps, 1))
     checkpointer = checkpoints.Checkpointer(os.path.join(workdir, "checkpoints"),
                                             max_to_keep=keep_checkpoints)
+    # A checkpoint or model directory of another model fails here, before the train
+    # state is initialised (seconds and gigabytes for the released model sizes).
+    start_step = checkpointer.latest_step()
+    if start_step is not None:
+        checkpointer.check_fits(start_step,
+                                train_state.TrainState.abstract(model_factory, tx)[1])
+    elif init_checkpoint:
+        check_model_directory_fits(init_checkpoint, model)
     state = train_state.TrainState.create(model_factory, tx, mesh, seed)
     dataset = input_pipeline.make_train_dataset(
         pipeline, process_index=jax.process_index(), process_count=jax.process_count())
     data_iter = iter(dataset)
-    start_step = checkpointer.latest_step()
     if start_step is not None:
         _, abstract_state = train_state.TrainState.abstract(model_factory, tx)
         state.state, data_state, _ = checkpointer.restore(start_step, abstract_state,
@@ -371,6 +389,25 @@ def train(workdir: str = gin.REQUIRED,
     return result
 
 
+def check_model_directory_fits(directory: str, config: CTCLIPConfig) -> None:
+    """Fails, listing the differing weights, when the model directory's config.json
+    describes weights of other shapes than `config` (shapes only, nothing allocated;
+    the weights themselves are checked again when they are loaded)."""
+    def shapes(c: CTCLIPConfig) -> dict[str, tuple[int, ...]]:
+        weights = checkpoint_io.weights_of(checkpoint_io.abstract_ctclip(c))
+        return {jax.tree_util.keystr(path): tuple(leaf.shape)
+                for path, leaf in jax.tree_util.tree_flatten_with_path(weights)[0]}
+
+    theirs, ours = shapes(checkpoint_io.read_config(directory)), shapes(config)
+    differences = [f"  {k}: directory {theirs.get(k)} vs model {ours.get(k)}"
+                   for k in sorted(theirs.keys() | ours.keys()) if theirs.get(k) != ours.get(k)]
+    if differences:
+        raise checkpoint_io.ModelDirectoryError(
+            f"the weights in {directory} do not fit the model ({len(differences)} "
+            "difference(s); include the directory's model.gin):\n"
+            + "\n".join(differences[:40]))
+
+
 def init_from_model_directory(state: train_state.TrainState, directory: str, log=print) -> None:
     """Sets a fresh train state's model weights to a model directory's, in place.
 
@@ -462,6 +499,9 @@ def _log(writer, pending, throughput: _Throughput):
 # Entry point
 # ----------------------------------------------------------------------------------
 
+GIN_CALL_SITE = "\n  In call to configurable "
+
+
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
@@ -477,8 +517,9 @@ def main(argv):
         train(workdir_override=FLAGS.workdir, steps_override=FLAGS.steps,
               profile_steps_override=FLAGS.profile_steps)
     except (gin_setup.ConfigError, ValueError, FileNotFoundError, NonFiniteError) as error:
-        # Configuration and input mistakes: one clear line, no traceback.
-        sys.exit(f"error: {error}")
+        # Configuration and input mistakes: one clear line, no traceback (and without
+        # the "In call to configurable 'train'" line gin adds: the setting is named).
+        sys.exit(f"error: {str(error).split(GIN_CALL_SITE)[0]}")
 
 
 if __name__ == "__main__":

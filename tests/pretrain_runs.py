@@ -1,11 +1,14 @@
 """Running `python -m experiments.pretrain` as a user does, for the end-to-end tests
 (tests/experiments, tests/fault): a tiny model, the tiny synthetic data, subprocesses."""
 
+import atexit
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
+import tempfile
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_MODEL = [
@@ -19,6 +22,29 @@ TINY_MODEL = [
 ]
 
 
+# One XLA compilation cache for the session's runs: the tiny model's train step is
+# compiled once instead of in every subprocess (the same executable either way).
+COMPILATION_CACHE = tempfile.mkdtemp(prefix="ct_rate_jax_test_xla_cache_")
+atexit.register(shutil.rmtree, COMPILATION_CACHE, ignore_errors=True)
+
+
+def pretrain_env(devices=1):
+    """The environment of a `python -m experiments.pretrain` subprocess."""
+    return dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                JAX_COMPILATION_CACHE_DIR=COMPILATION_CACHE,
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+                JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
+def pretrain_args(workdir, bindings, steps, gin_file="experiments/configs/demo.gin"):
+    """The command line of `python -m experiments.pretrain`."""
+    args = [sys.executable, "-m", "experiments.pretrain", "--gin", gin_file,
+            "--workdir", str(workdir), "--steps", str(steps)]
+    for binding in bindings:
+        args += ["--gin_param", binding]
+    return args
+
+
 def data_bindings(data):
     return [f"train.train_data='{data.shard_dir('train')}'",
             f"train.eval_data='{data.shard_dir('valid')}'",
@@ -26,12 +52,9 @@ def data_bindings(data):
 
 
 def run_pretrain(workdir, bindings, steps, gin_file="experiments/configs/demo.gin", devices=1):
-    args = [sys.executable, "-m", "experiments.pretrain", "--gin", gin_file,
-            "--workdir", str(workdir), "--steps", str(steps)]
-    for binding in bindings:
-        args += ["--gin_param", binding]
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
-    return subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    return subprocess.run(pretrain_args(workdir, bindings, steps, gin_file), cwd=REPO,
+                          env=pretrain_env(devices), capture_output=True, text=True,
+                          timeout=600)
 
 
 def metrics(workdir):

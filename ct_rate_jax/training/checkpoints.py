@@ -32,18 +32,20 @@ def _to_saveable(state: Any) -> Any:
         else x, pure)
 
 
-def _abstract_saveable(abstract_state: Any, shardings: Any) -> Any:
-    """The restore target matching `_to_saveable`, with the shardings to restore into."""
+def _abstract_saveable(abstract_state: Any, shardings: Any = None) -> Any:
+    """The restore target matching `_to_saveable`, with the shardings to restore into
+    (None: shapes and dtypes only)."""
     pure_abstract = nnx.to_pure_dict(abstract_state)
-    pure_shardings = nnx.to_pure_dict(shardings)
 
-    def target(x, s):
+    def target(x, s=None):
         if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             data = jax.eval_shape(jax.random.key_data, x)
             return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=s)
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
 
-    return jax.tree.map(target, pure_abstract, pure_shardings)
+    if shardings is None:
+        return jax.tree.map(target, pure_abstract)
+    return jax.tree.map(target, pure_abstract, nnx.to_pure_dict(shardings))
 
 
 def _from_saveable(restored: Any, abstract_state: Any) -> Any:
@@ -94,7 +96,9 @@ class Checkpointer:
             self.directory, handler_registry=registry,
             options=ocp.CheckpointManagerOptions(
                 max_to_keep=max_to_keep, enable_async_checkpointing=async_save,
-                create=True))
+                # The directory appears with the first save, so a run that stops on a
+                # configuration error before training leaves nothing behind.
+                create=False))
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -110,17 +114,25 @@ class Checkpointer:
             data_iterator=ocp.args.JsonSave(data_iterator_state or {}),
             meta=ocp.args.JsonSave(dict(meta, step=int(step)))))
 
-    def restore(self, step: int, abstract_state: Any, shardings: Any
-                ) -> tuple[Any, dict, dict]:
-        """Returns (state, data iterator state, meta); clear error if it does not fit."""
-        target = _abstract_saveable(abstract_state, shardings)
+    def check_fits(self, step: int, abstract_state: Any) -> None:
+        """Raises CheckpointMismatchError, listing the differing arrays, unless the
+        checkpoint at `step` holds arrays of `abstract_state`'s shapes (reads metadata
+        only: cheap enough to run before the train state exists)."""
         saved_tree = self._manager.item_metadata(step)["state"]
-        mismatch = _describe_mismatch(saved_tree, target) if saved_tree is not None else ""
+        if saved_tree is None:
+            return
+        mismatch = _describe_mismatch(saved_tree, _abstract_saveable(abstract_state))
         if mismatch:
             raise CheckpointMismatchError(
                 f"checkpoint {os.path.join(self.directory, str(step))} does not match the "
                 f"model being trained:\n{mismatch}\n(Use another --workdir, or the gin config "
                 "the checkpoint was written with.)")
+
+    def restore(self, step: int, abstract_state: Any, shardings: Any
+                ) -> tuple[Any, dict, dict]:
+        """Returns (state, data iterator state, meta); clear error if it does not fit."""
+        self.check_fits(step, abstract_state)
+        target = _abstract_saveable(abstract_state, shardings)
         restored = self._manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target),
             data_iterator=ocp.args.JsonRestore(),

@@ -30,6 +30,13 @@ def adamw_warmup_cosine(total_steps: int, learning_rate: float = 1e-4,
                         ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     """Returns (optimizer, schedule).  Defaults follow the official trainer's AdamW
     (no weight decay) with the usual warmup and global-norm clipping added."""
+    # `not x > 0` also refuses NaN (an infinite rate is allowed: it tests the
+    # non-finite step policy).
+    if not learning_rate > 0:
+        raise ValueError(f"adamw_warmup_cosine.learning_rate must be > 0, got {learning_rate}")
+    if warmup_steps < 0 or not weight_decay >= 0:
+        raise ValueError("adamw_warmup_cosine.warmup_steps and weight_decay must be >= 0, got "
+                         f"{warmup_steps} and {weight_decay}")
     schedule = warmup_cosine_schedule(learning_rate, total_steps, warmup_steps,
                                       end_learning_rate_fraction)
     adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
