@@ -108,11 +108,14 @@ def llm_tensors(llm: LLM):
 
 
 def write_safetensors_shards(tensors, directory: Path, *,
-                             max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> list[str]:
+                             max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                             save_file=None) -> list[str]:
     """Writes (key, array) pairs as `model.safetensors`, or as numbered shards with
     `model.safetensors.index.json` when they exceed `max_shard_bytes`; at most one
-    shard's tensors are held in memory.  Returns the file names."""
-    from safetensors.numpy import save_file
+    shard's tensors are held in memory.  Arrays are numpy, or torch tensors with
+    `save_file=safetensors.torch.save_file`.  Returns the file names."""
+    if save_file is None:
+        from safetensors.numpy import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, np.ndarray]] = [{}]
