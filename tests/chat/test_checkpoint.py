@@ -43,6 +43,26 @@ def with_lora(model: LLM, seed: int = 1) -> LLM:
     return model
 
 
+def random_projector(seed: int = 3) -> Projector:
+    model = nnx.eval_shape(lambda: Projector(PROJECTOR, rngs=nnx.Rngs(0)))
+    rng = np.random.RandomState(seed)
+    for _, variable in nnx.to_flat_state(nnx.state(model)):
+        variable.set_value(jnp.asarray(rng.randn(*variable.shape) * 0.3, variable.dtype))
+    return model
+
+
+def random_ctvit() -> CTViT:
+    """A tiny CT-ViT filled from numpy (no initialiser compilation)."""
+    config = CTViTConfig(dim=16, codebook_size=8, image_size=8, patch_size=4,
+                         temporal_patch_size=2, spatial_depth=1, temporal_depth=1,
+                         dim_head=4, heads=2)
+    model = nnx.eval_shape(lambda: CTViT(config, rngs=nnx.Rngs(0)))
+    rng = np.random.RandomState(4)
+    for _, variable in nnx.to_flat_state(nnx.state(model)):
+        variable.set_value(jnp.asarray(rng.randn(*variable.shape), variable.dtype))
+    return model
+
+
 def word_tokenizer():
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -57,16 +77,19 @@ def word_tokenizer():
     return tokenizer
 
 
+@nnx.jit
+def _forward(model: LLM, ids):
+    return model(ids)[0]
+
+
 def logits(model: LLM) -> np.ndarray:
-    return np.asarray(model(jnp.asarray(IDS))[0])
+    return np.asarray(_forward(model, jnp.asarray(IDS)))
 
 
 def test_round_trip_with_lora_kept_or_merged_projector_tokenizer_and_vision(tmp_path):
     llm = with_lora(random_llm())
-    projector = Projector(PROJECTOR, rngs=nnx.Rngs(3))
-    vision = CTViT(CTViTConfig(dim=16, codebook_size=8, image_size=8, patch_size=4,
-                               temporal_patch_size=2, spatial_depth=1, temporal_depth=1,
-                               dim_head=4, heads=2), rngs=nnx.Rngs(4))
+    projector = random_projector()
+    vision = random_ctvit()
     tokenizer = word_tokenizer()
     expected = logits(llm)
     tokens = np.random.RandomState(5).randn(1, 2, 2, 2, 16).astype(np.float32)
@@ -103,14 +126,12 @@ def test_round_trip_with_lora_kept_or_merged_projector_tokenizer_and_vision(tmp_
                                  nnx.to_flat_state(nnx.state(kept.vision))):
         np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()),
                                       err_msg=str(path))
-    volume = np.random.RandomState(6).randn(1, 4, 8, 8).astype(np.float32)
-    np.testing.assert_array_equal(np.asarray(kept.vision(jnp.asarray(volume))),
-                                  np.asarray(vision(jnp.asarray(volume))))
+    assert kept.vision_config == vision.config
 
 
 def test_sharded_llm_files_load_onto_a_mesh(tmp_path):
     llm = random_llm(seed=2)
-    projector = Projector(PROJECTOR, rngs=nnx.Rngs(0))
+    projector = random_projector()
     save_chat_checkpoint(tmp_path, llm=with_lora(llm), projector=projector,
                          max_shard_bytes=20_000)
     index = json.loads((tmp_path / "llm" / "model.safetensors.index.json").read_text())
@@ -130,7 +151,7 @@ def test_bad_directories_are_named(tmp_path):
     with pytest.raises(ChatCheckpointError, match="convert_ctchat"):
         read_chat_config(tmp_path)
     save_chat_checkpoint(tmp_path / "c", llm=with_lora(random_llm()),
-                         projector=Projector(PROJECTOR, rngs=nnx.Rngs(0)))
+                         projector=random_projector())
     (tmp_path / "c" / "lora" / "adapter_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="lora/adapter_model.safetensors"):
         read_chat_config(tmp_path / "c")

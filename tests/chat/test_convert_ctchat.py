@@ -156,6 +156,6 @@ def test_mean_rows_without_trained_embeddings_and_clear_errors(release, tmp_path
     assert convert_ctchat.main(["--base", str(base_dir), "--lora", str(projector_only),
                                 "--out", str(tmp_path / "bad")]) == 1
     assert "non_lora_trainables.bin not found" in capsys.readouterr().err
-    assert convert_ctchat.main(["--base", str(lora_dir), "--lora", str(lora_dir),
+    assert convert_ctchat.main(["--base", str(base_dir), "--lora", str(base_dir),
                                 "--out", str(tmp_path / "bad")]) == 1
     assert "has no mm_projector_type" in capsys.readouterr().err
