@@ -6,12 +6,13 @@ a fine-tuned model as a directory next to the base LLM (e.g. Meta-Llama-3.1-8B-I
   config.json                 LLaVA config: the LLM's fields with `vocab_size` = base + 5
                               (`<pad>` and the four question-type tokens), plus
                               `mm_projector_type`, `mm_hidden_size`, ...
-  adapter_config.json         PEFT LoRA settings (r 128, lora_alpha 256, all linear layers
-  adapter_model.safetensors     of the LLM but lm_head); keys base_model.model.<module>.lora_{A,B}.weight
-    (or adapter_model.bin)
-  non_lora_trainables.bin     every other trained tensor, keys `base_model.model.model.mm_projector.*`
+  adapter_config.json         PEFT LoRA settings (r 128, lora_alpha 256, all linear
+  adapter_model.safetensors   layers of the LLM but lm_head); keys
+    (or adapter_model.bin)      base_model.model.<module>.lora_{A,B}.weight
+  non_lora_trainables.bin     every other trained tensor: base_model.model.model.mm_projector.*
                               and, when they were trained, the resized
-                              `base_model.model.model.embed_tokens.weight` / `base_model.model.lm_head.weight`
+                              base_model.model.model.embed_tokens.weight and
+                              base_model.model.lm_head.weight
 
 Its loader (`llava/model/builder.py`) takes the base weights, adds `<pad>` and the tags
 `<multiple_choice>`, `<long_answer>`, `<short_answe>` (sic), `<report_generation>` to the

@@ -86,7 +86,8 @@ def release(tmp_path_factory):
     non_lora = {f"base_model.model.{k}": v for k, v in projector.items()}
     non_lora["base_model.model.model.embed_tokens.weight"] = (
         model.get_input_embeddings().weight.detach().clone())
-    non_lora["base_model.model.lm_head.weight"] = model.get_output_embeddings().weight.detach().clone()
+    non_lora["base_model.model.lm_head.weight"] = (
+        model.get_output_embeddings().weight.detach().clone())
     torch.save(non_lora, lora_dir / "non_lora_trainables.bin")
     llava = {**json.loads((base_dir / "config.json").read_text()),
              **json.loads((FIXTURE / "projector_config_A.json").read_text()),

@@ -85,10 +85,12 @@ def test_cli_scores_per_type_and_category(tmp_path):
     assert groups["all"]["accuracy"] == pytest.approx(2 / 3)
     assert groups["all"]["accuracy_count"] == 3 and groups["all"]["count"] == 5
     # "the heart is normal" vs "the heart is enlarged": 3/4 unigrams, 2/3 bigrams, 1/2 trigrams.
-    assert groups["report_generation"]["BLEU-3"] == pytest.approx((3 / 4 * 2 / 3 * 1 / 2) ** (1 / 3))
+    expected_bleu3 = (3 / 4 * 2 / 3 * 1 / 2) ** (1 / 3)
+    assert groups["report_generation"]["BLEU-3"] == pytest.approx(expected_bleu3)
     rows = (out / "scores.csv").read_text().splitlines()
     assert rows[0].startswith("group,count,BLEU-1") and len(rows) == 10
-    per_question = [json.loads(line) for line in (out / "per_question.jsonl").read_text().splitlines()]
+    per_question = [json.loads(line)
+                    for line in (out / "per_question.jsonl").read_text().splitlines()]
     assert [(q["id"], q["correct"]) for q in per_question] == [
         ("r1", True), ("r2", False), ("r3", True), ("r4#0", None), ("r4#1", None)]
     assert per_question[0]["question"] == "Is there cardiomegaly in this CT volume?"
