@@ -93,13 +93,14 @@ def test_live_encoder_equals_precomputed_tokens_and_gradients_follow_the_stage()
     assert moved(lambda m: m.projector)
     assert not moved(lambda m: m.vision)
     assert not moved(lambda m: m.llm.model.embed_tokens)
-    assert moved(lambda m: m.llm.model.layers[0].self_attn.q_proj.lora_b)
+    assert moved(lambda m: m.llm.model.layers[0].self_attn.q_proj)  # its LoRA B
+    assert not moved(lambda m: m.llm.model.layers[0].self_attn.q_proj.base)
 
 
 def test_shards_over_the_mesh_and_serving_round_trip(tmp_path):
     from ct_rate_jax.chat.data import train_demo_tokenizer
 
-    mesh = sharding.make_mesh(2, 2, 2)
+    mesh = sharding.make_mesh(1, 2, 4)  # batch 2 over fsdp 2
     config = _config(CTVIT)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CTChat(config, rngs=nnx.Rngs(0))))
     shardings = sharding.state_shardings(abstract, mesh)
