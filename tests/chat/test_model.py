@@ -104,13 +104,13 @@ def test_shards_over_the_mesh_and_serving_round_trip(tmp_path):
     config = _config(CTVIT)
     graphdef, abstract = nnx.split(nnx.eval_shape(lambda: CTChat(config, rngs=nnx.Rngs(0))))
     shardings = sharding.state_shardings(abstract, mesh)
+    batch = _batch(np.random.default_rng(2), with_volume=True)  # outside the mesh context
     with jax.set_mesh(mesh):
         state = jax.jit(lambda: nnx.split(CTChat(config, rngs=nnx.Rngs(0)))[1],
                         out_shardings=shardings)()
         model = nnx.merge(graphdef, state)
         embed = model.llm.model.embed_tokens.embedding[...]
         assert embed.sharding.spec != jax.sharding.PartitionSpec()  # vocab / embed split
-        batch = _batch(np.random.default_rng(2), with_volume=True)
         global_batch = sharding.host_batch_to_global({k: np.asarray(v)
                                                       for k, v in batch.items()}, mesh)
         sharded_loss = float(nnx.jit(lambda m, b: m.loss(b)[0])(model, global_batch))
