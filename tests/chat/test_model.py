@@ -46,6 +46,11 @@ def _batch(rng, with_volume=False):
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
+# Jitted: eager op-by-op dispatch of the CT-ViT and LLM costs more than one compile.
+_forward = nnx.jit(lambda model, batch: model(batch))
+_loss = nnx.jit(lambda model, batch: model.loss(batch)[0])
+
+
 def test_visual_tokens_are_spliced_and_loss_counts_assistant_tokens_only():
     model = CTChat(_config(), rngs=nnx.Rngs(0))
     batch = _batch(np.random.default_rng(0))
@@ -54,8 +59,8 @@ def test_visual_tokens_are_spliced_and_loss_counts_assistant_tokens_only():
     np.testing.assert_allclose(embeds[:, 2:6], visual, rtol=1e-6)
     np.testing.assert_allclose(embeds[:, 6:], model.llm.embed(batch["input_ids"])[:, 6:])
     # Only the 3 labelled positions count: position s predicts labels[s + 1].
-    loss, metrics = model.loss(batch)
-    logits = np.asarray(model(batch))
+    loss, metrics = nnx.jit(lambda m, b: m.loss(b))(model, batch)
+    logits = np.asarray(_forward(model, batch))
     logp = jax.nn.log_softmax(logits, -1)
     ids = np.asarray(batch["input_ids"])
     expected = -np.mean([logp[r, p - 1, ids[r, p]] for r in range(2) for p in (8, 9, 10)])
@@ -63,7 +68,7 @@ def test_visual_tokens_are_spliced_and_loss_counts_assistant_tokens_only():
     assert metrics["answer_tokens"] == 6
     # The image matters (other tokens; LayerNorm would cancel a mere shift or scale).
     other = dict(batch, tokens=jnp.flip(batch["tokens"], axis=-1))
-    assert abs(float(model.loss(other)[0]) - float(loss)) > 1e-6
+    assert abs(float(_loss(model, other)) - float(loss)) > 1e-6
 
 
 def test_next_token_loss_with_no_answer_tokens_is_zero():
@@ -74,10 +79,11 @@ def test_next_token_loss_with_no_answer_tokens_is_zero():
 def test_live_encoder_equals_precomputed_tokens_and_gradients_follow_the_stage():
     model = CTChat(_config(CTVIT), rngs=nnx.Rngs(1))
     batch = _batch(np.random.default_rng(1), with_volume=True)
-    tokens = model.vision(batch["volume"])
+    tokens = nnx.jit(lambda m, volume: m.vision(volume))(model, batch["volume"])
     assert tokens.shape == (2, 2, 2, 2, 16)
     precomputed = {k: v for k, v in batch.items() if k != "volume"} | {"tokens": tokens}
-    np.testing.assert_allclose(model(batch), model(precomputed), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(_forward(model, batch), _forward(model, precomputed),
+                               rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="no vision encoder"):
         CTChat(_config(), rngs=nnx.Rngs(0)).visual_tokens({"volume": batch["volume"]})
     # Stage 2 with LoRA: one step moves LoRA and projector, not the base LLM or encoder.
@@ -85,7 +91,8 @@ def test_live_encoder_equals_precomputed_tokens_and_gradients_follow_the_stage()
     wrt = lora.trainable_filter("lora")
     before = nnx.clone(model)
     optimizer = nnx.Optimizer(model, optax.sgd(0.1), wrt=wrt)
-    grads = nnx.grad(lambda m: m.loss(batch)[0], argnums=nnx.DiffState(0, wrt))(model)
+    grads = nnx.jit(lambda m: nnx.grad(lambda m: m.loss(batch)[0],
+                                       argnums=nnx.DiffState(0, wrt))(m))(model)
     optimizer.update(model, grads)
     moved = lambda part: any(  # noqa: E731
         not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(nnx.state(part(before))),
@@ -115,7 +122,7 @@ def test_shards_over_the_mesh_and_serving_round_trip(tmp_path):
                                                       for k, v in batch.items()}, mesh)
         sharded_loss = float(nnx.jit(lambda m, b: m.loss(b)[0])(model, global_batch))
     plain = CTChat(config, rngs=nnx.Rngs(0))
-    np.testing.assert_allclose(sharded_loss, plain.loss(batch)[0], rtol=1e-4)
+    np.testing.assert_allclose(sharded_loss, _loss(plain, batch), rtol=1e-4)
     tokenizer = train_demo_tokenizer(["Is there a nodule? Yes. No."], 300,
                                      str(tmp_path / "tok"))
     serving.save_model(str(tmp_path / "model"), plain, tokenizer,
@@ -123,4 +130,4 @@ def test_shards_over_the_mesh_and_serving_round_trip(tmp_path):
     loaded, loaded_tokenizer, raw = serving.load_model(str(tmp_path))
     assert loaded.config == plain.config and raw["preprocessing"]["target_shape"] == [8, 16, 16]
     assert len(loaded_tokenizer) == len(tokenizer)
-    np.testing.assert_allclose(loaded(batch), plain(batch), rtol=1e-6)
+    np.testing.assert_allclose(_forward(loaded, batch), _forward(plain, batch), rtol=1e-6)
