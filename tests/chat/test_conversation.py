@@ -8,15 +8,11 @@ import numpy as np
 import pytest
 
 from ct_rate_jax.chat import conversation as conv
+from ct_rate_jax.chat.data import DEMO_CHAT_TEMPLATE
 from ct_rate_jax.chat.multimodal import expand_image_placeholders, insert_visual_tokens, pad_batch
 
-LLAMA3_STYLE_TEMPLATE = (
-    "{% for m in messages %}"
-    "{% set c = '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' + m['content'] | trim"
-    " + '<|eot_id|>' %}"
-    "{% if loop.index0 == 0 %}{% set c = bos_token + c %}{% endif %}{{ c }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}")
+# The Llama-3-style, prefix-stable template that the chat demo uses.
+LLAMA3_STYLE_TEMPLATE = DEMO_CHAT_TEMPLATE
 SPECIALS = ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
 
 
