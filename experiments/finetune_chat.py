@@ -44,10 +44,7 @@ from experiments import gin_setup
 from experiments.synthetic_setup import SyntheticData, ensure_synthetic_data
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin", [], "gin config file(s), applied in order")
-flags.DEFINE_multi_string("gin_param", [], "gin bindings, e.g. finetune.num_steps=100")
-flags.DEFINE_string("workdir", None, "run directory (overrides finetune.workdir)")
-flags.DEFINE_integer("steps", None, "number of training steps (overrides finetune.num_steps)")
+# --gin, --gin_param, --workdir and --steps: experiments/gin_setup.py.
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 gin.external_configurable(LLMConfig)

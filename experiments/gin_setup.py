@@ -11,13 +11,22 @@ import os
 from typing import Sequence
 
 import gin
-from absl import logging
+from absl import flags, logging
 
 from ct_rate_jax.models.bert import BertConfig
 from ct_rate_jax.models.ct_clip import CTCLIPConfig
 from ct_rate_jax.models.ctvit import CTViTConfig
 from ct_rate_jax.training.optimizer import adamw_warmup_cosine
 from experiments.synthetic_setup import SyntheticData
+
+# The flags of every gin-configured entry point (pretrain, finetune_chat), defined once
+# here so that both modules can be imported into one process (absl refuses a flag
+# defined twice).
+flags.DEFINE_multi_string("gin", [], "gin config file(s), applied in order")
+flags.DEFINE_multi_string("gin_param", [], "gin bindings, e.g. train.num_steps=100")
+flags.DEFINE_string("workdir", None, "run directory (overrides the configured workdir)")
+flags.DEFINE_integer("steps", None, "number of training steps (overrides the configured "
+                     "number)")
 
 gin.external_configurable(CTCLIPConfig)
 gin.external_configurable(CTViTConfig)

@@ -40,10 +40,7 @@ from experiments import gin_setup
 from experiments.synthetic_setup import SyntheticData, ensure_synthetic_data
 
 FLAGS = flags.FLAGS
-flags.DEFINE_multi_string("gin", [], "gin config file(s), applied in order")
-flags.DEFINE_multi_string("gin_param", [], "gin bindings, e.g. train.num_steps=100")
-flags.DEFINE_string("workdir", None, "run directory (overrides train.workdir)")
-flags.DEFINE_integer("steps", None, "number of training steps (overrides train.num_steps)")
+# --gin, --gin_param, --workdir and --steps: experiments/gin_setup.py.
 flags.DEFINE_string("profile_steps", None, "START:END: write a jax.profiler trace of these "
                     "steps to <workdir>/profile (overrides train.profile_steps)")
 # Multi-process runs (ct_rate_jax/training/distributed.py); TPU slices, SLURM steps and
