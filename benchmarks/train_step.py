@@ -1,7 +1,8 @@
 r"""Train-step benchmark: compile time, step time, volumes/s, TFLOP/s, MFU, peak memory.
 
   python -m benchmarks.train_step --gin experiments/configs/bench_cpu.gin \
-         [--gin_param K=V ...] [--steps 5] [--repeats 3] [--compare-torch /path/to/CT-CLIP]
+         [--gin_param K=V ...] [--steps 5] [--repeats 3] [--profile DIR]
+         [--compare-torch /path/to/CT-CLIP]
 
 Builds the train state and the jitted step `experiments.pretrain` would build for the
 gin config (model, optimizer, `train.global_batch_size`, `train.max_text_length`,
@@ -108,7 +109,13 @@ def _random_batch(settings: Settings, seed: int = 0) -> dict[str, np.ndarray]:
 class OurStep:
     """The jitted train step of `experiments.pretrain`, compiled ahead of time."""
 
-    def __init__(self, settings: Settings, steps_hint: int = 1000):
+    def __init__(self, settings: Settings, steps_hint: int = 1000, init_on_host: bool = False,
+                 reuse_state_of: "OurStep | None" = None):
+        """init_on_host: initialise the parameters with the CPU backend and copy them over
+        (XLA's GPU compile of the v2 initialiser alone takes ~3 minutes).
+        reuse_state_of: take another step's train state (a variant that differs only in
+        how the model computes, not in its parameters), so that nothing is re-initialised.
+        """
         import jax
         import jax.numpy as jnp
 
@@ -122,7 +129,18 @@ class OurStep:
             model, rngs=rngs, dtype=dtype, remat_policy=settings.remat_policy)
         tx, schedule = settings.optimizer(total_steps=steps_hint)
         self.mesh = sharding.make_mesh(*settings.mesh_shape)
-        self.state = train_state.TrainState.create(factory, tx, self.mesh)
+        if reuse_state_of is not None:
+            graphdef, _ = train_state.TrainState.abstract(factory, tx)
+            old = reuse_state_of.state
+            self.state = train_state.TrainState(graphdef, old.state, old.shardings, self.mesh)
+        elif init_on_host:
+            host_mesh = sharding.make_mesh(1, 1, 1, devices=jax.devices("cpu")[:1])
+            host = train_state.TrainState.create(factory, tx, host_mesh)
+            shardings = sharding.state_shardings(host.state, self.mesh)
+            self.state = train_state.TrainState(
+                host.graphdef, jax.device_put(host.state, shardings), shardings, self.mesh)
+        else:
+            self.state = train_state.TrainState.create(factory, tx, self.mesh)
         self.parameters = train_state.parameter_count(self.state)
         step_fn = train_state.make_train_step(self.state, schedule, loss=settings.loss)
         self.batch = sharding.host_batch_to_global(_random_batch(settings), self.mesh)
@@ -147,6 +165,38 @@ class OurStep:
         return float(self._jax.device_get(self._metrics["loss"]))
 
 
+def _variant_settings(settings: Settings, spec: str) -> Settings:
+    """"FIELD=VALUE[,FIELD=VALUE...]" -> the settings with those CTViTConfig fields changed."""
+    import ast
+
+    changes = {}
+    for item in spec.split(","):
+        field, sep, text = item.partition("=")
+        if not sep or field not in {f.name for f in dataclasses.fields(settings.model.ctvit)}:
+            raise SystemExit(f"--ctvit {spec!r}: expected FIELD=VALUE[,FIELD=VALUE...] with "
+                             "CTViTConfig fields")
+        try:
+            changes[field] = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            changes[field] = text  # a bare string such as conv
+    ctvit = dataclasses.replace(settings.model.ctvit, **changes)
+    return dataclasses.replace(settings, model=dataclasses.replace(settings.model, ctvit=ctvit))
+
+
+def _profile(step: OurStep, logdir: str, top: int) -> str:
+    """Traces two steps into logdir, writes logdir/ops.md and returns the top rows."""
+    from benchmarks import profile_summary
+
+    ops = profile_summary.trace_ops(step.run, step.compiled.as_text(), logdir)
+    grouped = profile_summary.by_source(ops)
+    with open(os.path.join(logdir, "ops.md"), "w") as f:
+        f.write("## By JAX op and source line\n\n"
+                + profile_summary.format_table(grouped, top=200, width=400)
+                + "\n\n## By HLO op\n\n"
+                + profile_summary.format_table(ops, top=200, width=400) + "\n")
+    return profile_summary.format_table(grouped, top=top)
+
+
 def _fmt_bytes(n: int | None) -> str:
     return "n/a" if n is None else f"{n / 2**30:.2f} GiB"
 
@@ -160,6 +210,13 @@ def main(argv=None) -> dict[str, Any]:
     parser.add_argument("--depth", type=int, default=None, help="slices per volume")
     parser.add_argument("--batch", type=int, default=None,
                         help="global batch (default: train.global_batch_size)")
+    parser.add_argument("--ctvit", action="append", default=[], metavar="FIELD=VALUE",
+                        help="also time a variant with these CTViTConfig fields changed, "
+                             "e.g. peg_impl=conv or peg_impl=conv,attention_impl=cudnn "
+                             "(repeatable; each is a separate variant on the same parameters)")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="after timing, trace 2 steps into DIR and print the ops that "
+                             "take the device time (also written to DIR/ops.md)")
     parser.add_argument("--compare-torch", dest="compare_torch", default=None,
                         help="checkout of the official CT-CLIP: time its step too")
     args = parser.parse_args(argv)
@@ -174,7 +231,7 @@ def main(argv=None) -> dict[str, Any]:
     model_flops = flops.clip_step_flops(settings.model, settings.batch_size, settings.depth,
                                         settings.text_length).train_step
 
-    ours = OurStep(settings)
+    ours = OurStep(settings, init_on_host=jax.default_backend() == "gpu")
     ours.run(1)  # first execution (allocations, thread pools) is not timed
     official = None
     if args.compare_torch:
@@ -234,6 +291,38 @@ def main(argv=None) -> dict[str, Any]:
     print(f"model FLOPs/step {model_flops / 1e9:.2f} G (analytical, also used for the "
           f"original), XLA cost_analysis {ours.xla_flops / 1e9:.2f} G; peak memory "
           f"{_fmt_bytes(result['peak_memory_bytes'])}")
+    if args.profile:
+        print(f"\nDevice time by JAX op and source line ({args.profile}/ops.md has more):\n"
+              + _profile(ours, args.profile, top=30))
+
+    # Variants run after the base (and reuse its parameters), so a variant that fails
+    # to compile (e.g. cuDNN attention on an unsupported shape) cannot lose its figures.
+    previous, variants = ours, {}
+    for spec in args.ctvit:
+        print(f"\nvariant {spec}:", flush=True)
+        try:
+            variant = OurStep(_variant_settings(settings, spec), reuse_state_of=previous)
+            variant.run(1)
+            seconds = float(np.median([variant.run(args.steps) for _ in range(args.repeats)]))
+        except Exception as error:  # noqa: BLE001 (report and go on to the next variant)
+            print(f"variant {spec} failed: {type(error).__name__}: {str(error)[:500]}")
+            continue
+        previous = variant
+        tf = model_flops / seconds / n_devices / 1e12
+        variants[spec] = {"compile_s": round(variant.compile_s, 3), "step_s": round(seconds, 4),
+                          "volumes_per_s": round(settings.batch_size / seconds, 3),
+                          "tflops_per_device": round(tf, 4),
+                          "mfu": round(tf * 1e12 / peak, 4) if peak else None,
+                          "loss": variant.loss()}
+        print(f"| {spec} | {variant.compile_s:.1f} | {seconds:.3f} | "
+              f"{settings.batch_size / seconds:.2f} | {tf:.4f} | "
+              f"{'n/a' if not peak else f'{100 * tf * 1e12 / peak:.1f}%'} |", flush=True)
+        if args.profile:
+            logdir = os.path.join(args.profile, spec.replace("=", "_").replace(",", "-"))
+            print(f"device time ({logdir}/ops.md):\n" + _profile(variant, logdir, top=15))
+    if variants:
+        result["variants"] = variants
+        result["peak_memory_bytes"] = hardware.peak_memory_bytes()
     print(json.dumps(result))
     return result
 

@@ -35,6 +35,8 @@ from ct_rate_jax.models import layers
 
 # The official attention multiplies cosine similarities by this constant.
 COSINE_ATTENTION_SCALE = 8.0
+PEG_IMPLS = ("taps", "conv")
+ATTENTION_IMPLS = ("einsum", "xla", "cudnn")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +54,18 @@ class CTViTConfig:
         before projecting it, which removes the patch's mean and spread: absolute HU
         (air vs fluid vs soft tissue in a uniform patch) is lost.  False projects the
         raw [-1, 1] voxels instead (the LayerNorm after the projection stays).
+      peg_impl: how the PEG's depthwise 3x3x3 convolution is computed (same parameters
+        and outputs either way).  "taps": 27 shifted multiply-adds, which partition
+        correctly on every mesh.  "conv": XLA's grouped convolution (cuDNN on GPUs), whose
+        kernel gradient is one convolution instead of 27 full-size reductions; XLA's SPMD
+        partitioner mis-scales that gradient when the batch is sharded over one mesh axis
+        and replicated over another (seen with fsdp=4 x tensor=2), so "conv" is for
+        data-parallel meshes.
+      attention_impl: "einsum" (explicit similarity matrix, float32 softmax) or
+        "xla" / "cudnn": `jax.nn.dot_product_attention` with that implementation
+        ("cudnn" is the fused flash-attention kernel of NVIDIA GPUs and needs a bfloat16
+        or float16 compute dtype).  The cosine-similarity normalisation and learned
+        scales are applied to q and k first, so all give the same attention.
     """
 
     dim: int = 512
@@ -69,6 +83,8 @@ class CTViTConfig:
     vq_decay: float = 0.8
     temporal_peg_layout: str = "official"
     patch_input_norm: bool = True
+    peg_impl: str = "taps"
+    attention_impl: str = "einsum"
 
     def __post_init__(self):
         if self.image_size % self.patch_size:
@@ -77,6 +93,12 @@ class CTViTConfig:
         if self.temporal_peg_layout not in ("official", "grid"):
             raise ValueError("CTViTConfig.temporal_peg_layout must be 'official' or 'grid', "
                              f"got {self.temporal_peg_layout!r}")
+        if self.peg_impl not in PEG_IMPLS:
+            raise ValueError(f"CTViTConfig.peg_impl must be one of {PEG_IMPLS}, "
+                             f"got {self.peg_impl!r}")
+        if self.attention_impl not in ATTENTION_IMPLS:
+            raise ValueError(f"CTViTConfig.attention_impl must be one of {ATTENTION_IMPLS}, "
+                             f"got {self.attention_impl!r}")
         if self.channels != 1:
             raise ValueError("CTViTConfig.channels: only single-channel CT volumes are supported")
 
@@ -131,17 +153,15 @@ class PatchEmbedding(nnx.Module):
 
 
 class DepthwiseConv3d(nnx.Module):
-    """A 3x3x3 depthwise convolution written as 27 shifted multiply-adds.
+    """A 3x3x3 depthwise convolution: kernel [3, 3, 3, 1, dim], bias [dim].
 
-    Same parameters as `nnx.Conv(dim, dim, 3, feature_group_count=dim)` (kernel
-    [3, 3, 3, 1, dim], bias [dim]), but XLA's SPMD partitioner mis-scales the kernel
-    gradient of a grouped convolution when the batch is sharded over one mesh axis and
-    replicated over another (seen with fsdp=4 x tensor=2); element-wise ops partition
-    correctly, and for 27 taps they cost no more.
+    impl "taps" writes it as 27 shifted multiply-adds, "conv" as XLA's grouped
+    convolution (`CTViTConfig.peg_impl` says when to use which).
     """
 
-    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype: Any = None):
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype: Any = None, impl: str = "taps"):
         self.dtype = dtype
+        self.impl = impl
         init = nnx.initializers.lecun_normal(in_axis=(0, 1, 2, 3), out_axis=4)
         self.kernel = nnx.Param(init(rngs.params(), (3, 3, 3, 1, dim), jnp.float32),
                                 **layers.sharded(None, None, None, None, None))
@@ -152,6 +172,12 @@ class DepthwiseConv3d(nnx.Module):
         dtype = self.dtype or padded_bthwd.dtype
         x = padded_bthwd.astype(dtype)
         kernel = self.kernel[...].astype(dtype)
+        if self.impl == "conv":
+            out = jax.lax.conv_general_dilated(
+                x, kernel, window_strides=(1, 1, 1), padding="VALID",
+                dimension_numbers=("NDHWC", "DHWIO", "NDHWC"),
+                feature_group_count=x.shape[-1])
+            return out + self.bias[...].astype(dtype)
         t, h, w = (n - 2 for n in x.shape[1:4])
         out = jnp.zeros(x.shape[:1] + (t, h, w) + x.shape[4:], dtype)
         for dt in range(3):
@@ -164,8 +190,8 @@ class DepthwiseConv3d(nnx.Module):
 class PEG(nnx.Module):
     """Position generator: a depthwise 3x3x3 conv over the token grid, causal in T."""
 
-    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype: Any = None):
-        self.dsconv = DepthwiseConv3d(dim, rngs=rngs, dtype=dtype)
+    def __init__(self, dim: int, *, rngs: nnx.Rngs, dtype: Any = None, impl: str = "taps"):
+        self.dsconv = DepthwiseConv3d(dim, rngs=rngs, dtype=dtype, impl=impl)
 
     def __call__(self, grid_bthwd: jax.Array) -> jax.Array:
         # Two frames of zero padding before T and none after: position t only sees t-2..t.
@@ -177,9 +203,9 @@ class Attention(nnx.Module):
     """Cosine-similarity multi-head self-attention with learned per-dim q/k scales."""
 
     def __init__(self, dim: int, heads: int, dim_head: int, *, rngs: nnx.Rngs,
-                 dtype: Any = None):
+                 dtype: Any = None, impl: str = "einsum"):
         inner = heads * dim_head
-        self.heads, self.dim_head = heads, dim_head
+        self.heads, self.dim_head, self.impl = heads, dim_head, impl
         self.norm = layers.FixedBiasLayerNorm(dim)
         self.to_q = layers.linear(dim, inner, ("embed", "heads"), use_bias=False, rngs=rngs,
                                   dtype=dtype)
@@ -199,6 +225,12 @@ class Attention(nnx.Module):
         q, k, v = (t.reshape(b, n, self.heads, self.dim_head) for t in (q, k, v))
         q = layers.l2_normalize(q.astype(jnp.float32)) * self.q_scale[...]
         k = layers.l2_normalize(k.astype(jnp.float32)) * self.k_scale[...]
+        if self.impl != "einsum":
+            bias = None if attn_bias_hnn is None else attn_bias_hnn[None].astype(v.dtype)
+            out = jax.nn.dot_product_attention(
+                q.astype(v.dtype), k.astype(v.dtype), v, bias=bias,
+                scale=COSINE_ATTENTION_SCALE, implementation=self.impl)
+            return self.to_out(out.reshape(b, n, self.heads * self.dim_head))
         sim_bhij = jnp.einsum("bihd,bjhd->bhij", q.astype(v.dtype), k.astype(v.dtype))
         sim_bhij = sim_bhij.astype(jnp.float32) * COSINE_ATTENTION_SCALE
         if attn_bias_hnn is not None:
@@ -244,8 +276,9 @@ class ContinuousPositionBias(nnx.Module):
 
 class TransformerLayer(nnx.Module):
     def __init__(self, config: CTViTConfig, *, rngs: nnx.Rngs, dtype: Any = None):
-        self.peg = PEG(config.dim, rngs=rngs, dtype=dtype)
-        self.attn = Attention(config.dim, config.heads, config.dim_head, rngs=rngs, dtype=dtype)
+        self.peg = PEG(config.dim, rngs=rngs, dtype=dtype, impl=config.peg_impl)
+        self.attn = Attention(config.dim, config.heads, config.dim_head, rngs=rngs, dtype=dtype,
+                              impl=config.attention_impl)
         self.ff = FeedForward(config.dim, config.ff_inner_dim, rngs=rngs, dtype=dtype)
 
 
@@ -310,10 +343,13 @@ class VectorQuantizer(nnx.Module):
         return x_nd + jax.lax.stop_gradient(quantized - x_nd)
 
     def _ema_update(self, x_nd: jax.Array, indices: jax.Array):
-        onehot = jax.nn.one_hot(indices, self.codebook.shape[0], dtype=jnp.float32)
-        bins = onehot.sum(0)
+        # Per-code counts and sums as scatter-adds: a one-hot [N, codebook] matrix would be
+        # 3.6 GB at the v2 size (N = 8 x 13,824 tokens, 8,192 codes).
+        codes = self.codebook.shape[0]
+        bins = jax.ops.segment_sum(jnp.ones(indices.shape, jnp.float32), indices, codes)
         self.cluster_size[...] = self.cluster_size[...] * self.decay + bins * (1 - self.decay)
-        sums = onehot.T @ layers.l2_normalize(x_nd.astype(jnp.float32))
+        sums = jax.ops.segment_sum(layers.l2_normalize(x_nd.astype(jnp.float32)), indices,
+                                   codes)
         means = layers.l2_normalize(sums / jnp.maximum(bins, 1.0)[:, None])
         old = layers.l2_normalize(self.codebook[...])
         # Unused codes keep their (normalised) value, as in the official update.

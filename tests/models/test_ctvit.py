@@ -145,3 +145,32 @@ def test_parameters_carry_logical_axis_names():
                  .get_value()) == ("embed", "heads")
     assert tuple(specs["enc_spatial_transformer"]["layers"][0]["ff"]["proj_out"]["kernel"]
                  .get_value()) == ("mlp", "embed")
+
+
+def test_peg_and_attention_implementations_agree():
+    """peg_impl / attention_impl change how, not what: same tokens and gradients."""
+    volume = random_volume((2, 8, 16, 16))
+    # One layer each: the 27-tap PEG's gradient is slow to compile on the CPU.
+    reference = CTViT(tiny_config(temporal_depth=1), rngs=nnx.Rngs(0))
+    other = CTViT(tiny_config(temporal_depth=1, peg_impl="conv", attention_impl="xla"),
+                  rngs=nnx.Rngs(0))  # same parameters
+
+    @nnx.jit
+    def loss_and_grads(model):
+        return nnx.value_and_grad(lambda m: jnp.sum(jnp.tanh(m(volume, quantize=False))))(model)
+
+    want_loss, want_grads = loss_and_grads(reference)
+    got_loss, got_grads = loss_and_grads(other)
+    np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+    # float32 sums in another order; some gradients are zero up to rounding (e.g. a
+    # per-head bias under softmax), so the tolerance is relative to the largest gradient.
+    scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(want_grads))
+    for got, want in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_unknown_implementation_is_refused():
+    with pytest.raises(ValueError, match="peg_impl"):
+        tiny_config(peg_impl="fft")
+    with pytest.raises(ValueError, match="attention_impl"):
+        tiny_config(attention_impl="flash")
