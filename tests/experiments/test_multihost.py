@@ -98,6 +98,9 @@ def test_two_processes_train_like_one_and_resume(tiny_synthetic_data, tmp_path):
         # A constant learning rate: the schedule must not depend on --steps, so that the
         # resumed run continues exactly as the 4-step reference.
         "adamw_warmup_cosine.warmup_steps=0", "adamw_warmup_cosine.end_learning_rate_fraction=1.0"]
+    # The 27-tap PEG: XLA's grouped convolution mis-scales its kernel gradient on this mesh
+    # (CTViTConfig.peg_impl); both runs use the taps so that they compare like with like.
+    bindings += ["CTViTConfig.peg_impl='taps'"]
     multi = bindings + ["train.mesh_shape=(1, 2, 2)"]
     cache = tmp_path / "compilation_cache"
 
