@@ -29,7 +29,7 @@ def random_llm(seed: int = 0) -> LLM:
     model = nnx.eval_shape(lambda: LLM(CONFIG, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(seed)
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = rng.randn(*variable.shape) * 0.15 + (1.0 if path[-1] == "weight" else 0.0)
+        value = rng.randn(*variable.shape) * 0.15 + (1.0 if "norm" in str(path[-2]) else 0.0)
         variable.set_value(jnp.asarray(value, variable.dtype))
     return model
 
@@ -172,7 +172,7 @@ def test_chat_command_answers_from_a_checkpoint_with_lora_kept_separate(tmp_path
     llm = nnx.eval_shape(lambda: LLM(config, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(0)
     for path, variable in nnx.to_flat_state(nnx.state(llm, nnx.Param)):
-        value = rng.randn(*variable.shape) * 0.3 + (1.0 if path[-1] == "weight" else 0.0)
+        value = rng.randn(*variable.shape) * 0.3 + (1.0 if "norm" in str(path[-2]) else 0.0)
         variable.set_value(jnp.asarray(value, variable.dtype))
     llm = with_lora(llm)
     projector = random_projector()

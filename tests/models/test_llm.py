@@ -83,7 +83,7 @@ def random_llm(config: LLMConfig, seed: int = 0, **kwargs) -> LLM:
     model = nnx.eval_shape(lambda: LLM(config, rngs=nnx.Rngs(0), **kwargs))
     rng = np.random.RandomState(seed)
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = rng.randn(*variable.shape) * 0.15 + (1.0 if path[-1] == "weight" else 0.0)
+        value = rng.randn(*variable.shape) * 0.15 + (1.0 if "norm" in str(path[-2]) else 0.0)
         variable.set_value(jnp.asarray(value, variable.dtype))
     return model
 
