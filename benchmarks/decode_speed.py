@@ -1,7 +1,7 @@
 r"""Decode speed with the KV cache: our jitted generation against transformers' generate.
 
   python -m benchmarks.decode_speed [--prompt 32] [--new-tokens 64] [--batch 1 4] [--repeats 7]
-                                    [--single-thread]
+                                    [--single-thread] [--cpu N]
 
 One small Llama-shaped model (`LLMConfig.small()`: 4 layers, hidden 512, 8 query / 4
 key-value heads, vocabulary 32000; random weights) is created in transformers
@@ -37,10 +37,15 @@ def main() -> None:
     parser.add_argument("--single-thread", action="store_true",
                         help="one compute thread each (torch.set_num_threads(1), XLA without "
                              "its Eigen thread pool): fairer on a machine shared with others")
+    parser.add_argument("--cpu", type=int, default=None,
+                        help="pin the process to this CPU core (Linux): both libraries on "
+                             "exactly one core, XLA's scheduler threads included")
     args = parser.parse_args()
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
     if args.single_thread:  # must be set before jax is imported
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_"
-                                   "eigen=false intra_op_parallelism_threads=1").strip()
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                                   + " --xla_cpu_multi_thread_eigen=false").strip()
 
     import jax
     import torch
@@ -95,7 +100,8 @@ def main() -> None:
     print(f"\nmachine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPU "
           f"core(s); torch {torch.__version__} ({torch.get_num_threads()} threads), "
           f"transformers {transformers.__version__}, jax {jax.__version__} "
-          f"({jax.devices()[0].platform}); load average {os.getloadavg()[0]:.1f}")
+          f"({jax.devices()[0].platform}); load average {os.getloadavg()[0]:.1f}"
+          + (f"; pinned to CPU {args.cpu}" if args.cpu is not None else ""))
     print(f"model: LLMConfig.small() float32, prompt {args.prompt} tokens, "
           f"{args.new_tokens} new tokens, greedy, median of {args.repeats} alternating runs\n")
     print("| batch | transformers generate | ours (jitted, KV cache) | speed-up | CPU time "

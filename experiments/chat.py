@@ -1,9 +1,11 @@
 r"""Chat with a fine-tuned CT-CHAT model about one CT volume.
 
-  python -m experiments.chat --checkpoint WORKDIR_OR_MODEL_DIR --volume SCAN \
+  python -m experiments.chat --checkpoint CHECKPOINT --volume SCAN \
          [--question "Is there cardiomegaly in this CT volume?" | --batch q.jsonl --out a.jsonl]
          [--type short_answer] [--max-new-tokens 128] [--temperature 0] [--top-p 1]
 
+CHECKPOINT is a CT-CHAT checkpoint directory (`ct_rate_jax.chat.checkpoint`): a
+finetune_chat workdir or its model/, or the output of experiments.convert_ctchat.
 SCAN is a NIfTI file, a DICOM series folder (brought to the training grid with
 `data_pipeline.user_scans`, the project's preprocessing) or a precomputed CT-ViT
 encoding `.npz` (key `arr`).  With `--question` the answer is printed and the command
@@ -23,6 +25,7 @@ from typing import Iterator
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from ct_rate_jax.chat import conversation as conv
 from ct_rate_jax.chat.multimodal import expand_image_placeholders
@@ -57,6 +60,11 @@ def load_visual_input(path: str, model, preprocessing) -> dict[str, np.ndarray]:
     return {"volume": normalise_hu(volume_hu, config.hu_window)[None]}
 
 
+@nnx.jit
+def _visual_tokens(model, visual):
+    return model.visual_tokens(visual)
+
+
 class ChatSession:
     """A conversation about one volume: the visual tokens are computed once."""
 
@@ -66,7 +74,7 @@ class ChatSession:
         from ct_rate_jax.models.llm_generate import SamplingConfig
 
         self.model, self.tokenizer = model, tokenizer
-        self.visual_bnh = model.visual_tokens({k: jnp.asarray(v) for k, v in visual.items()})
+        self.visual_bnh = _visual_tokens(model, {k: jnp.asarray(v) for k, v in visual.items()})
         stops = tuple({tokenizer.eos_token_id, *model.config.llm.eos_token_ids} - {None})
         self.sampling = SamplingConfig(max_new_tokens=max_new_tokens, temperature=temperature,
                                        top_p=top_p, stop_token_ids=stops,
@@ -140,7 +148,7 @@ def read_batch(path: str) -> list[dict]:
 def parse_args(argv):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True,
-                        help="finetune_chat workdir or its model/ directory")
+                        help="finetune_chat workdir (or its model/) or convert_ctchat --out")
     parser.add_argument("--volume", required=True,
                         help="NIfTI file, DICOM series folder or CT-ViT encoding .npz")
     mode = parser.add_mutually_exclusive_group()
@@ -161,11 +169,11 @@ def parse_args(argv):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from ct_rate_jax.chat import serving
+    from ct_rate_jax.chat.checkpoint import load_ctchat_model
 
     if not os.path.exists(args.volume):
         raise FileNotFoundError(f"--volume {args.volume} does not exist")
-    model, tokenizer, saved = serving.load_model(args.checkpoint)
+    model, tokenizer, saved = load_ctchat_model(args.checkpoint)
     visual = load_visual_input(args.volume, model, saved.get("preprocessing"))
     options = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                    top_p=args.top_p, seed=args.seed)

@@ -8,7 +8,8 @@ on the LLM, rank/alpha configurable, + projector), "full" (the LLM and the proje
 `finetune.train_vision` also trains the CT-ViT encoder.  Rerunning in the same workdir
 resumes from the newest orbax checkpoint (model + optimizer; the data order is a
 function of the step).  Metrics go to <workdir>/metrics.jsonl; the run ends by writing the
-inference model to <workdir>/model/ (LoRA merged) and, with `eval_json`, the held-out
+inference model to <workdir>/model/ (a `ct_rate_jax.chat.checkpoint` directory, LoRA
+merged, which `experiments.chat --checkpoint <workdir>` reads) and, with `eval_json`, the held-out
 yes/no accuracy to <workdir>/eval.json.
 """
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 from typing import Any
@@ -32,7 +34,8 @@ from flax import nnx
 from ct_rate_jax import sharding
 from ct_rate_jax.chat import conversation as conv
 from ct_rate_jax.chat import data as chat_data
-from ct_rate_jax.chat import lora, serving, synthetic_qa
+from ct_rate_jax.chat import lora, synthetic_qa
+from ct_rate_jax.chat.checkpoint import save_chat_checkpoint
 from ct_rate_jax.chat.multimodal import expand_image_placeholders
 from ct_rate_jax.chat.model import CTChat, CTChatConfig, vision_filter
 from ct_rate_jax.chat.projector import ProjectorConfig
@@ -301,8 +304,15 @@ def finetune(workdir: str = gin.REQUIRED,
 
     model, _ = nnx.merge(graphdef, state)
     model.eval()
-    serving.save_model(os.path.join(workdir, "model"), model, tokenizer,
-                       preprocessing=_preprocessing(None if ctvit is None else train_shards))
+    model_dir = os.path.join(workdir, "model")
+    if os.path.isdir(model_dir):
+        shutil.rmtree(model_dir)  # also an older run's layout
+    save_chat_checkpoint(model_dir, llm=model.llm, projector=model.projector,
+                         tokenizer=tokenizer, vision=model.vision, merge_lora=True,
+                         added_tokens=conv.TAG_TOKENS, quantize=config.quantize,
+                         preprocessing=_preprocessing(None if ctvit is None else train_shards),
+                         source={"written_by": "experiments.finetune_chat", "step": num_steps,
+                                 "stage": stage, "workdir": os.path.abspath(workdir)})
     result = dict(last)
     if eval_records:
         eval_images, _ = _images(eval_records, None if ctvit is None else eval_shards,

@@ -4,6 +4,9 @@
                                 "projector": ProjectorConfig fields,
                                 "lora": {"r", "lora_alpha", "use_rslora", "target_modules"} | null,
                                 "vision": CTViTConfig fields | null,
+                                "quantize": pass CT-ViT tokens through its codebook,
+                                "preprocessing": PreprocessConfig fields of the training
+                                                 volumes (user scans get the same) | null,
                                 "added_tokens": ["<pad>", "<multiple_choice>", ...],
                                 "source": free-form provenance (e.g. the converted release)}
   DIR/llm/                     a Hugging Face model directory: config.json,
@@ -20,6 +23,10 @@ mesh, so loading a 70B model never needs it whole on one host.  Keeping the LLM 
 Hugging Face layout also means `transformers` (and `peft`, for `lora/`) open the same
 files, which is how the parity tests check them.  Saving gathers one tensor at a time
 to the host (a single-host operation; conversion runs on one machine).
+
+`experiments.finetune_chat` writes this directory as `<workdir>/model/`,
+`experiments.convert_ctchat` as its `--out`; `load_ctchat_model` reads either (or a
+finetune workdir) as one `CTChat` for `experiments.chat`.
 """
 
 from __future__ import annotations
@@ -284,6 +291,7 @@ def save_chat_checkpoint(directory: str | os.PathLike, *, llm: LLM, projector: P
                          tokenizer=None, lora_config: AdapterConfig | None = None,
                          merge_lora: bool = False, vision: nnx.Module | None = None,
                          added_tokens: Sequence[str] = (), source: Mapping[str, Any] | None = None,
+                         preprocessing: Mapping[str, Any] | None = None, quantize: bool = True,
                          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Writes a CT-CHAT checkpoint directory (layout in the module docstring).
 
@@ -298,6 +306,9 @@ def save_chat_checkpoint(directory: str | os.PathLike, *, llm: LLM, projector: P
       vision: an optional `CTViT` to ship with the model (its config is recorded).
       added_tokens: the tokens added to the base LLM's tokenizer (recorded in config.json).
       source: provenance recorded as is (e.g. the converted release's paths).
+      preprocessing: the `PreprocessConfig` fields of the volumes the vision encoder was
+        trained on (`experiments.chat` brings user scans to that grid); None without one.
+      quantize: `CTChatConfig.quantize` (tokens through the CT-ViT codebook).
 
     Returns the directory.  An existing `llm/`, `lora/` or weight file is replaced.
     """
@@ -342,8 +353,9 @@ def save_chat_checkpoint(directory: str | os.PathLike, *, llm: LLM, projector: P
         (directory / VISION_FILE).unlink()
     config = {"format": CHECKPOINT_FORMAT, "version": FORMAT_VERSION,
               "projector": dataclasses.asdict(projector.config), "lora": lora_record,
-              "vision": vision_record, "added_tokens": list(added_tokens),
-              "source": dict(source or {})}
+              "vision": vision_record, "quantize": bool(quantize),
+              "preprocessing": None if preprocessing is None else dict(preprocessing),
+              "added_tokens": list(added_tokens), "source": dict(source or {})}
     (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
     return directory
 
@@ -408,7 +420,8 @@ def load_chat_checkpoint(directory: str | os.PathLike, mesh=None, *, dtype: Any 
         raise ChatCheckpointError(f"{directory / CONFIG_FILE}: projector hidden_size "
                                   f"{projector_config.hidden_size} != the LLM's "
                                   f"{llm_config.hidden_size}")
-    projector = Projector(projector_config, rngs=nnx.Rngs(0))
+    # Abstract, then filled: no random initialisation to throw away.
+    projector = nnx.eval_shape(lambda: Projector(projector_config, rngs=nnx.Rngs(0)))
     projector_from_state_dict(projector, load_file(str(directory / PROJECTOR_FILE)))
     vision = vision_config = None
     if config.get("vision") and load_vision_encoder:
@@ -418,3 +431,59 @@ def load_chat_checkpoint(directory: str | os.PathLike, mesh=None, *, dtype: Any 
                           tokenizer=load_tokenizer(directory / LLM_DIR) if tokenizer else None,
                           config=config, lora=adapter_config, vision=vision,
                           vision_config=vision_config)
+
+
+# --------------------------------------------------------------------------- CTChat
+
+
+LEGACY_SERVING_CONFIG = "chat_config.json"  # <workdir>/model/ before this format
+
+
+def resolve_chat_checkpoint(path: str | os.PathLike) -> Path:
+    """The checkpoint directory `path` names: itself, or `path/model` for a
+    `finetune_chat` workdir.  Anything else is one error line saying what it is."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    for candidate in (path, path / "model"):
+        config = candidate / CONFIG_FILE
+        if config.is_file() and (json.loads(config.read_text()).get("format")
+                                 == CHECKPOINT_FORMAT or candidate == path):
+            return candidate  # read_chat_config explains a config.json of another kind
+    for candidate in (path, path / "model"):
+        if (candidate / LEGACY_SERVING_CONFIG).is_file():
+            raise ChatCheckpointError(
+                f"{candidate} was written by an older experiments.finetune_chat "
+                f"({LEGACY_SERVING_CONFIG} + orbax weights), which is no longer read: rerun "
+                "finetune_chat with the same --workdir and --steps <its last step> to rewrite "
+                "model/ from the newest checkpoint")
+    if (path / "checkpoints").is_dir():
+        raise ChatCheckpointError(
+            f"{path} is a finetune_chat workdir without model/ (the run has not finished): "
+            "rerun finetune_chat with the same --workdir (add --steps <the newest saved step> "
+            "to stop there); it resumes and writes model/ at the end")
+    raise FileNotFoundError(
+        f"{path} is not a CT-CHAT checkpoint: expected {CONFIG_FILE} with format "
+        f"{CHECKPOINT_FORMAT!r} (written by experiments.convert_ctchat --out, or by "
+        "experiments.finetune_chat in <workdir>/model/) in it or in its model/ folder")
+
+
+def load_ctchat_model(path: str | os.PathLike, mesh=None, *, dtype: Any = None,
+                      param_dtype: Any = jnp.float32):
+    """(CTChat, tokenizer, config.json contents) from a checkpoint directory or a
+    finetune_chat workdir (`resolve_chat_checkpoint`), LoRA merged, in eval mode.
+
+    `dtype` / `param_dtype`: the LLM's compute and storage dtypes (bf16 on accelerators).
+    """
+    from ct_rate_jax.chat.model import CTChat, CTChatConfig
+
+    directory = resolve_chat_checkpoint(path)
+    checkpoint = load_chat_checkpoint(directory, mesh, dtype=dtype, param_dtype=param_dtype,
+                                      merge_lora=True)
+    config = CTChatConfig(llm=checkpoint.llm_config, projector=checkpoint.projector_config,
+                          ctvit=checkpoint.vision_config,
+                          quantize=checkpoint.config.get("quantize", True))
+    model = CTChat.from_parts(config, llm=checkpoint.llm, projector=checkpoint.projector,
+                              vision=checkpoint.vision)
+    model.eval()
+    return model, checkpoint.tokenizer, checkpoint.config

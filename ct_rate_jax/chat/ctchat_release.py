@@ -307,7 +307,8 @@ def _write(out: Path, *, hf_config: dict, tensors, tokenizer, projector: Project
         (out / ckpt.VISION_FILE).unlink()
     config = {"format": ckpt.CHECKPOINT_FORMAT, "version": ckpt.FORMAT_VERSION,
               "projector": dataclasses.asdict(projector.config), "lora": lora_record,
-              "vision": None, "added_tokens": added_tokens, "source": source}
+              "vision": None, "quantize": True, "preprocessing": None,
+              "added_tokens": added_tokens, "source": source}
     (out / ckpt.CONFIG_FILE).write_text(json.dumps(config, indent=2))
 
 

@@ -82,6 +82,17 @@ class CTChat(nnx.Module):
         self.llm = LLM(config.llm, rngs=rngs, dtype=dtype, param_dtype=param_dtype,
                        remat=remat)
 
+    @classmethod
+    def from_parts(cls, config: CTChatConfig, *, llm: LLM, projector: Projector,
+                   vision: CTViT | None = None) -> CTChat:
+        """A CTChat around already built (e.g. loaded) parts; nothing is initialised."""
+        if (vision is None) != (config.ctvit is None):
+            raise ValueError("CTChat.from_parts: pass a vision encoder exactly when "
+                             "config.ctvit is set")
+        model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))  # abstract shell
+        model.llm, model.projector, model.vision = llm, projector, vision
+        return model
+
     def visual_tokens(self, batch: Mapping[str, jax.Array]) -> jax.Array:
         """visual_bnh float[B, n_queries, H] from batch["tokens"] or batch["volume"]."""
         if "tokens" in batch:

@@ -148,6 +148,28 @@ class Attention(nnx.Module):
         return self.o_proj(context.reshape(b, s, self.num_heads * d)), cache_kv
 
 
+class LMHead(nnx.Module):
+    """The output projection, stored [V, H] as the embedding table (and torch's
+    `lm_head.weight`) is: logits[..., v] = x[..., :] . weight[v, :].
+
+    Not an [H, V] `nnx.Linear`: while decoding a few rows, XLA on the CPU computes the
+    product against contiguous vocabulary rows in one streaming pass over the matrix
+    (memory bound), which the [H, V] layout does not get (benchmarks/decode_speed.py).
+    """
+
+    def __init__(self, config: LLMConfig, *, rngs: nnx.Rngs, dtype: Any, param_dtype: Any):
+        init = nnx.initializers.normal(config.initializer_range)
+        self.weight = nnx.Param(init(rngs.params(), (config.vocab_size, config.hidden_size),
+                                     param_dtype), **sharded("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """float[..., H] -> float[..., V] (compute dtype)."""
+        weight = self.weight[...].astype(self.dtype)
+        return jax.lax.dot_general(x.astype(self.dtype), weight,
+                                   (((x.ndim - 1,), (1,)), ((), ())))
+
+
 class MLP(nnx.Module):
     """SwiGLU feed-forward: down(silu(gate(x)) * up(x))."""
 
@@ -212,9 +234,8 @@ class LLM(nnx.Module):
         self.dtype = dtype or jnp.float32
         self.remat = remat
         self.model = DecoderStack(config, rngs=rngs, dtype=self.dtype, param_dtype=param_dtype)
-        self.lm_head = None if config.tie_word_embeddings else _dense(
-            config, config.hidden_size, config.vocab_size, ("embed", "vocab"), False,
-            rngs=rngs, dtype=self.dtype, param_dtype=param_dtype)
+        self.lm_head = None if config.tie_word_embeddings else LMHead(
+            config, rngs=rngs, dtype=self.dtype, param_dtype=param_dtype)
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """int[B, S] -> float[B, S, H] token embeddings (compute dtype); the multimodal

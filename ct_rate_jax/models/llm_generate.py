@@ -110,10 +110,17 @@ def _choose_next(logits: jax.Array, key: jax.Array, knobs: _Knobs) -> jax.Array:
                               knobs.top_p)
         return jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
 
-    def greedy(logits):
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
     return jax.lax.cond(knobs.temperature > 0, sample, greedy, logits)
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+    """float[B, V] -> int32[B]: the most probable token, ties to the lowest id (torch's
+    argmax).  A max and a min over the vocabulary: two plain reductions, which XLA on
+    the CPU vectorises (jnp.argmax's paired value/index reduction is ~3x slower)."""
+    vocab = logits.shape[-1]
+    best = jnp.max(logits, axis=-1, keepdims=True)
+    ids = jnp.where(logits == best, jnp.arange(vocab, dtype=jnp.int32), vocab)
+    return jnp.minimum(jnp.min(ids, axis=-1), vocab - 1)  # (a NaN row: the last id)
 
 
 def _stops(tokens: jax.Array, knobs: _Knobs) -> jax.Array:

@@ -10,6 +10,10 @@ even a whole tensor that it only keeps part of.  The model is built with
 The parameter path ``model/layers/0/self_attn/q_proj/kernel`` is the checkpoint key
 ``model.layers.0.self_attn.q_proj.weight``; Linear kernels are stored [in, out] here
 and [out, in] in torch (a transposed read), everything else has the same layout.
+
+Tensors may be stored in any dtype safetensors knows, bfloat16 included (the dtype of
+real Llama checkpoints): numpy reads them as `ml_dtypes.bfloat16` blocks, which are cast
+to the parameter's dtype exactly (bf16 -> float32 is lossless).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes  # noqa: F401  (registers bfloat16 / float8 with numpy: safetensors needs it)
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, SingleDeviceSharding

@@ -29,7 +29,7 @@ def random_llm(seed: int = 0) -> LLM:
     model = nnx.eval_shape(lambda: LLM(CONFIG, rngs=nnx.Rngs(0)))
     rng = np.random.RandomState(seed)
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = rng.randn(*variable.shape) * 0.15 + (1.0 if path[-1] == "weight" else 0.0)
+        value = rng.randn(*variable.shape) * 0.15 + (1.0 if "norm" in str(path[-2]) else 0.0)
         variable.set_value(jnp.asarray(value, variable.dtype))
     return model
 
@@ -155,3 +155,63 @@ def test_bad_directories_are_named(tmp_path):
     (tmp_path / "c" / "lora" / "adapter_model.safetensors").unlink()
     with pytest.raises(FileNotFoundError, match="lora/adapter_model.safetensors"):
         read_chat_config(tmp_path / "c")
+
+
+def test_chat_command_answers_from_a_checkpoint_with_lora_kept_separate(tmp_path, capsys):
+    """A convert_ctchat-style directory (LoRA kept, no vision encoder): the chat command
+    gives the answer the in-memory model gives, through the one loader."""
+    from ct_rate_jax.chat.data import train_demo_tokenizer
+    from ct_rate_jax.chat.model import CTChat, CTChatConfig
+    from ct_rate_jax.chat.projector import save_encoding
+    from experiments import chat
+
+    tokenizer = train_demo_tokenizer(["Is there a nodule in this CT volume? Yes. No."] * 4,
+                                     300, str(tmp_path / "tokenizer"))
+    config = LLMConfig.tiny(vocab_size=len(tokenizer), num_hidden_layers=1,
+                            eos_token_ids=(tokenizer.eos_token_id,))
+    llm = nnx.eval_shape(lambda: LLM(config, rngs=nnx.Rngs(0)))
+    rng = np.random.RandomState(0)
+    for path, variable in nnx.to_flat_state(nnx.state(llm, nnx.Param)):
+        value = rng.randn(*variable.shape) * 0.3 + (1.0 if "norm" in str(path[-2]) else 0.0)
+        variable.set_value(jnp.asarray(value, variable.dtype))
+    llm = with_lora(llm)
+    projector = random_projector()
+    save_chat_checkpoint(tmp_path / "ckpt", llm=llm, projector=projector, tokenizer=tokenizer)
+    assert (tmp_path / "ckpt" / "lora" / "adapter_config.json").is_file()
+    tokens = np.random.RandomState(5).randn(2, 2, 2, 16).astype(np.float32)
+    save_encoding(str(tmp_path / "scan.npz"), tokens)
+
+    merged = nnx.clone(llm)  # as loaded (same program: one compilation)
+    lora_lib.merge_lora(merged)
+    in_memory = CTChat.from_parts(CTChatConfig(llm=config, projector=PROJECTOR), llm=merged,
+                                  projector=projector)
+    session = chat.ChatSession(in_memory, tokenizer, {"tokens": tokens[None]},
+                               max_new_tokens=6)
+    expected = session.ask("Is there a nodule?", "short_answer")
+    assert expected  # the random model says something before its end token
+    assert chat.main(["--checkpoint", str(tmp_path / "ckpt"), "--volume",
+                      str(tmp_path / "scan.npz"), "--question", "Is there a nodule?",
+                      "--type", "short_answer", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == expected
+
+
+def test_chat_command_names_what_a_directory_is_not(tmp_path, capsys):
+    from experiments import chat
+    from experiments.cli import run_command
+
+    (tmp_path / "scan.npz").write_bytes(b"")
+    cases = {"empty": "is not a CT-CHAT checkpoint: expected config.json with format",
+             "running/checkpoints": "finetune_chat workdir without model/",
+             "old/model/chat_config.json": "older experiments.finetune_chat",
+             "absent": "does not exist"}
+    for name, message in cases.items():
+        path = tmp_path / name
+        if name != "absent":
+            (path.parent if "." in path.name else path).mkdir(parents=True)
+            if "." in path.name:
+                path.write_text("{}")
+        argv = ["--checkpoint", str(tmp_path / name.split("/")[0]), "--volume",
+                str(tmp_path / "scan.npz"), "--question", "?"]
+        assert run_command(lambda: chat.main(argv)) == 1
+        error = capsys.readouterr().err.strip()
+        assert message in error and len(error.splitlines()) == 1, error

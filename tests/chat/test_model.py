@@ -1,5 +1,7 @@
 """CTChat: visual tokens at the <image> positions, loss on assistant tokens only, the live
-encoder equal to precomputed tokens, sharding on a mesh, and the serving round trip."""
+encoder equal to precomputed tokens, sharding on a mesh, and the checkpoint round trip."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -9,7 +11,7 @@ import pytest
 from flax import nnx
 
 from ct_rate_jax import sharding
-from ct_rate_jax.chat import lora, serving
+from ct_rate_jax.chat import lora
 from ct_rate_jax.chat.conversation import IGNORE_INDEX
 from ct_rate_jax.chat.model import CTChat, CTChatConfig, next_token_loss
 from ct_rate_jax.chat.projector import ProjectorConfig
@@ -104,7 +106,7 @@ def test_live_encoder_equals_precomputed_tokens_and_gradients_follow_the_stage()
     assert not moved(lambda m: m.llm.model.layers[0].self_attn.q_proj.base)
 
 
-def test_shards_over_the_mesh_and_serving_round_trip(tmp_path):
+def test_shards_over_the_mesh_and_checkpoint_round_trip(tmp_path):
     from ct_rate_jax.chat.data import train_demo_tokenizer
 
     mesh = sharding.make_mesh(1, 2, 4)  # batch 2 over fsdp 2
@@ -125,9 +127,14 @@ def test_shards_over_the_mesh_and_serving_round_trip(tmp_path):
     np.testing.assert_allclose(sharded_loss, _loss(plain, batch), rtol=1e-4)
     tokenizer = train_demo_tokenizer(["Is there a nodule? Yes. No."], 300,
                                      str(tmp_path / "tok"))
-    serving.save_model(str(tmp_path / "model"), plain, tokenizer,
-                       preprocessing={"target_shape": [8, 16, 16]})
-    loaded, loaded_tokenizer, raw = serving.load_model(str(tmp_path))
-    assert loaded.config == plain.config and raw["preprocessing"]["target_shape"] == [8, 16, 16]
+    from ct_rate_jax.chat.checkpoint import load_ctchat_model, save_chat_checkpoint
+
+    # As finetune_chat writes it: <workdir>/model/, read back from the workdir.
+    save_chat_checkpoint(tmp_path / "model", llm=plain.llm, projector=plain.projector,
+                         tokenizer=tokenizer, vision=plain.vision, quantize=False,
+                         preprocessing={"target_shape": [8, 16, 16]})
+    loaded, loaded_tokenizer, raw = load_ctchat_model(tmp_path)
+    assert loaded.config == dataclasses.replace(plain.config, quantize=False)
+    assert raw["preprocessing"]["target_shape"] == [8, 16, 16]
     assert len(loaded_tokenizer) == len(tokenizer)
     np.testing.assert_allclose(_forward(loaded, batch), _forward(plain, batch), rtol=1e-6)

@@ -59,6 +59,11 @@ def test_finetune_resume_and_chat(tmp_path, capsys):
     evaluation = json.loads((workdir / "eval.json").read_text())
     assert evaluation["yes_no_questions"] == 16 and result["yes_no_answered"] > 0
 
+    # <workdir>/model/ is a CT-CHAT checkpoint directory (the format convert_ctchat writes).
+    from ct_rate_jax.chat.checkpoint import read_chat_config
+
+    assert read_chat_config(workdir / "model")["source"]["step"] == 10
+
     # The chat command on that model (in process): one question, then a batch file.
     from experiments import chat
 

@@ -83,7 +83,7 @@ def random_llm(config: LLMConfig, seed: int = 0, **kwargs) -> LLM:
     model = nnx.eval_shape(lambda: LLM(config, rngs=nnx.Rngs(0), **kwargs))
     rng = np.random.RandomState(seed)
     for path, variable in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = rng.randn(*variable.shape) * 0.15 + (1.0 if path[-1] == "weight" else 0.0)
+        value = rng.randn(*variable.shape) * 0.15 + (1.0 if "norm" in str(path[-2]) else 0.0)
         variable.set_value(jnp.asarray(value, variable.dtype))
     return model
 
@@ -167,6 +167,35 @@ def test_logits_match_transformers_on_a_left_padded_batch(name, tmp_path):
     logits = forward(model, jnp.asarray(ids), jnp.asarray(mask))
     assert_close_on_tokens(logits, hf_logits(hf_model, ids, mask), mask)
     assert (model.lm_head is None) == config.tie_word_embeddings
+
+
+@pytest.mark.torch
+def test_bf16_checkpoint_loads_and_matches_transformers_on_the_upcast_weights(tmp_path):
+    """Real Llama checkpoints are stored in bfloat16: a sharded bf16 save (with its index)
+    gives transformers' float32 logits on the same (upcast) weights, and bf16 storage
+    keeps the file's values bit for bit."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    make_hf_model("llama3_gqa_rope_scaling").to(torch.bfloat16).save_pretrained(
+        tmp_path, max_shard_size="50KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    assert len(list(tmp_path.glob("model-*.safetensors"))) > 2
+    # The reference reads the bf16 files into float32 (its rotary buffers are computed in
+    # float32, not rounded through bf16 as a .to(bfloat16) model's would be).
+    hf_model = transformers.LlamaForCausalLM.from_pretrained(
+        tmp_path, dtype=torch.float32, attn_implementation="eager").eval()
+    model, _ = load_hf_llm(tmp_path)
+    assert model.model.layers[0].self_attn.q_proj.kernel.get_value().dtype == jnp.float32
+    ids, mask = left_padded_batch()
+    logits = forward(model, jnp.asarray(ids), jnp.asarray(mask))
+    assert_close_on_tokens(logits, hf_logits(hf_model, ids, mask), mask)
+
+    half, _ = load_hf_llm(tmp_path, param_dtype=jnp.bfloat16)
+    kernel = half.model.layers[1].mlp.down_proj.kernel.get_value()
+    reference = hf_model.model.layers[1].mlp.down_proj.weight.detach().numpy().T
+    assert kernel.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(kernel, np.float32), reference)
 
 
 @pytest.mark.torch
