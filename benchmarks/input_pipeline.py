@@ -300,6 +300,8 @@ def main() -> None:
         baseline = len(baseline_paths) / (time.perf_counter() - start)
         baseline_cpu_ms = (time.process_time() - cpu) * 1e3 / len(baseline_paths)
         load_after = os.getloadavg()
+        allocator = {k: v for k, v in os.environ.items()
+                     if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
 
         print(f"{records} records of {config.target_shape} int16 ({voxel_mb:.1f} MB of "
               f"voxels) from {shape} inputs; batch {args.batch_size}, {steps} steps per "
@@ -328,8 +330,8 @@ def main() -> None:
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; "
               f"python {platform.python_version()}; load average (1, 5, 15 min) "
               f"before {tuple(round(v, 1) for v in load_before)}, "
-              f"after {tuple(round(v, 1) for v in load_after)}; MALLOC_ env: "
-              f"{ {k: v for k, v in os.environ.items() if k.startswith('MALLOC_')} or 'none'}")
+              f"after {tuple(round(v, 1) for v in load_after)}; allocator: "
+              f"{allocator or 'glibc defaults'}")
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
