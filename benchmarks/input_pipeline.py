@@ -1,24 +1,30 @@
 r"""Input pipeline throughput: raw shard reads, the Grain pipeline, and the original's way.
 
   python -m benchmarks.input_pipeline [--volumes 16] [--shape 256,256,120]
-      [--target-shape 120,240,240] [--workers 0,1,2] [--batch-size 2] [--epochs 2]
+      [--target-shape 120,240,240] [--compression zstd:3,none] [--workers 0,1,2]
+      [--outputs float32,int16] [--read-threads 2] [--batch-size 2] [--epochs 2]
       [--repeats 3] [--baseline-volumes 4] [--no-stages] [--workdir DIR] [--keep]
 
-On the same data in one run, each figure the median of `--repeats` measurements:
+On the same data in one run, each figure the median of `--repeats` measurements, for
+shards written with each `--compression` (`prepare --compression`; the same records):
 
   raw read   every shard file read sequentially in 4 MiB blocks.  "cold": the files
              are evicted from the page cache first (fsync, then
              posix_fadvise(DONTNEED); no root needed), so this is the storage limit;
              "warm": read again straight after, from the page cache (memory speed).
-  grain      `input_pipeline.make_train_dataset` (shuffle, decode, normalise to
-             float32, tokenise, batch) with 0..N Grain worker processes, after its
-             first batch (start-up): volumes/s and MB/s of shard file bytes consumed,
-             the same basis as the raw read.  "cold": the shard files are evicted
-             before the iterator is made and every 20 ms while it runs, so every
-             record comes from storage; "warm": from the page cache.
+  grain      `input_pipeline.make_train_dataset` (shuffle, decode, tokenise, batch)
+             with 0..N Grain worker processes, after its first batch (start-up):
+             volumes/s and MB/s of shard file bytes consumed, the same basis as the
+             raw read.  Output "float32": the batch's `volume` normalised on the host;
+             "int16": `normalise_on_device`, the batch carries the stored int16 voxels
+             and the training step normalises them on the accelerator (what
+             `experiments.pretrain` does; that device cost is not in these figures).
+             "cold": the shard files are evicted before the iterator is made and
+             every 20 ms while it runs, so every record comes from storage; "warm":
+             from the page cache.
   stages     single-thread cost of each step per volume (wall and CPU ms): ArrayRecord
-             read incl. zstd, header decode, text, normalise into the batch buffer,
-             stacking the other fields; CPU ms x volumes/s = cores needed.
+             read (incl. decompression), header decode, text, the float32 or int16
+             batch; CPU ms x volumes/s = cores needed.
   original   what the PyTorch original does per sample in `__getitem__`
              (CT-CLIP `scripts/data.py`, `nii_img_to_tensor`): nibabel `get_fdata`
              (float64), HU, transpose, `torch.nn.functional.interpolate` (trilinear)
@@ -109,7 +115,7 @@ def pipeline_seconds(pipeline_config, steps: int, paths, cold: bool) -> tuple[fl
         for _ in range(steps):
             batch = next(iterator)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-    assert batch["volume"].dtype == np.float32
+    assert batch["volume" if "volume" in batch else "volume_hu"].dtype in (np.float32, np.int16)
     del iterator
     return seconds, cpu
 
@@ -119,7 +125,8 @@ def _drop(result) -> None:
     del result
 
 
-def stage_costs(pipeline_config, paths, batch_size: int) -> list[tuple[str, float, float]]:
+def stage_costs(pipeline_config, paths, batch_size: int,
+                read_label: str) -> list[tuple[str, float, float]]:
     """(stage, wall ms, CPU ms) per volume, one thread, page cache warm."""
     import grain
 
@@ -129,7 +136,6 @@ def stage_costs(pipeline_config, paths, batch_size: int) -> list[tuple[str, floa
     to_example = input_pipeline.RecordToExample(
         input_pipeline._text_encoder(pipeline_config), pipeline_config.text_sections,
         pipeline_config.hu_window)
-    to_batch = input_pipeline.BatchExamples(pipeline_config.hu_window)
     count = len(source) - len(source) % batch_size
     raw_read_seconds(paths, cold=False)
     stages = []
@@ -141,36 +147,24 @@ def stage_costs(pipeline_config, paths, batch_size: int) -> list[tuple[str, floa
                        (time.process_time() - cpu) * 1e3 / count))
         return result
 
-    data = timed("ArrayRecord read (incl. zstd decompression)",
-                 lambda: [source[i] for i in range(count)])
+    data = timed(f"ArrayRecord read ({read_label})", lambda: [source[i] for i in range(count)])
     records = timed("header decode + int16 view (schema.decode_record)",
                     lambda: [schema.decode_record(d) for d in data])
     timed("text: report_text + tokenise", lambda: [
         to_example.text_encoder.encode(input_pipeline.report_text(r)) for r in records])
     examples = [to_example(d) for d in data]
-    volume = np.empty((batch_size, *records[0].volume_hu.shape), np.float32)
-    timed("int16 -> float32 normalise into a reused batch buffer", lambda: [
-        input_pipeline.normalise_hu(e["volume_hu"], pipeline_config.hu_window,
-                                    out=volume[i % batch_size])
-        for i, e in enumerate(examples)])
     groups = [examples[i:i + batch_size] for i in range(0, count, batch_size)]
-
-    def stacked(group):  # the path before: a float32 array per example, then np.stack
-        return np.stack([input_pipeline.normalise_hu(e["volume_hu"],
-                                                     pipeline_config.hu_window)
-                         for e in group])
-
     # Each batch is dropped before the next is made, as in the pipeline's steady state;
-    # the two ways alternate so that both see the same load.
+    # the two batch kinds alternate so that both see the same load.
     for _ in range(3):
-        timed("batch_fn now: new float32 batch, normalise each volume into its row",
-              lambda: [_drop(to_batch(group)) for group in groups])
-        timed("before: float32 copy per volume (normalise_hu), then np.stack",
-              lambda: [_drop(stacked(group)) for group in groups])
+        for name, normalise in (("float32 batch: normalise each volume into its row", True),
+                                ("int16 batch: copy each volume into its row", False)):
+            to_batch = input_pipeline.BatchExamples(pipeline_config.hu_window, normalise)
+            timed(name, lambda: [_drop(to_batch(group)) for group in groups])
     by_name = {}
-    for name, wall_ms, cpu_ms in stages[4:]:
+    for name, wall_ms, cpu_ms in stages[3:]:
         by_name.setdefault(name, []).append((wall_ms, cpu_ms))
-    stages[4:] = [(f"{name} (median of 3)", statistics.median(w for w, _ in runs),
+    stages[3:] = [(f"{name} (median of 3)", statistics.median(w for w, _ in runs),
                    statistics.median(c for _, c in runs)) for name, runs in by_name.items()]
     return stages
 
@@ -215,7 +209,13 @@ def main() -> None:
     parser.add_argument("--volumes", type=int, default=16)
     parser.add_argument("--shape", default="256,256,120", help="H,W,D of the inputs")
     parser.add_argument("--target-shape", default="120,240,240", help="D,H,W of the records")
+    parser.add_argument("--compression", default="zstd:3,none",
+                        help="shard compressions to compare (prepare --compression)")
     parser.add_argument("--workers", default="0,1,2", help="Grain worker processes to try")
+    parser.add_argument("--outputs", default="float32,int16",
+                        help="batch volume: float32 (host-normalised) and/or int16 "
+                             "(normalise_on_device)")
+    parser.add_argument("--read-threads", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=3)
@@ -237,7 +237,7 @@ def main() -> None:
     shape = tuple(int(v) for v in args.shape.split(","))
     config = PreprocessConfig(target_shape=tuple(int(v) for v in args.target_shape.split(",")))
     workdir = args.workdir or tempfile.mkdtemp(prefix="bench_input_")
-    scans_dir, shard_dir = os.path.join(workdir, "scans"), os.path.join(workdir, "shards")
+    scans_dir = os.path.join(workdir, "scans")
     os.makedirs(scans_dir, exist_ok=True)
     load_before = os.getloadavg()
     try:
@@ -245,40 +245,53 @@ def main() -> None:
             path = os.path.join(scans_dir, f"phantom_{index:03d}.nii.gz")
             if not os.path.exists(path):
                 write_phantom_nifti(path, shape, seed=index)
-        prepare_scans(scans_dir, shard_dir, config, records_per_shard=4, progress=False)
-        manifest = Manifest.load(shard_dir)
-        paths = manifest.shard_paths()
         tokenizer = os.path.join(workdir, "tokenizer.json")
         train_wordpiece_tokenizer(["no acute findings. lung nodule is present."] * 20, 64,
                                   tokenizer)
-        file_bytes = sum(shard.bytes for shard in manifest.shards)
-        records = manifest.num_records
-        bytes_per_volume = file_bytes / records
         voxel_mb = 2 * int(np.prod(config.target_shape)) / 1e6
-
-        rows = []  # (path, cache, volumes/s)
-        for cold in (True, False):
-            raw_read_seconds(paths, cold=False)  # the warm run reads a cached copy
-            rate = _median_rate(lambda: raw_read_seconds(paths, cold), args.repeats, records)
-            rows.append(("raw sequential read of the shard files", cold, rate, None))
-        raw_cold = rows[0][2]
-
-        steps = args.epochs * (records // args.batch_size)
-        volumes = steps * args.batch_size
-        pipeline = None
-        for workers in [int(v) for v in args.workers.split(",")]:
-            pipeline = input_pipeline.PipelineConfig(
-                shard_dir=shard_dir, tokenizer_path=tokenizer,
-                global_batch_size=args.batch_size, max_text_length=32, num_workers=workers)
+        rows = []  # (compression, path, cold, volumes/s, MB per volume, CPU ms or None)
+        stages = []
+        raw_cold = {}
+        records = steps = None
+        for compression in args.compression.split(","):
+            shard_dir = os.path.join(workdir, "shards_" + compression.replace(":", ""))
+            prepare_scans(scans_dir, shard_dir, config, records_per_shard=4, progress=False,
+                          compression=compression)
+            manifest = Manifest.load(shard_dir)
+            paths = manifest.shard_paths()
+            records = manifest.num_records
+            mb_per_volume = sum(shard.bytes for shard in manifest.shards) / records / 1e6
             for cold in (True, False):
-                rate, cpu_ms = _median_rate_and_cpu(
-                    lambda: pipeline_seconds(pipeline, steps, paths, cold), args.repeats,
-                    volumes)
-                rows.append((f"Grain pipeline, {workers} worker processes", cold, rate,
-                             cpu_ms if workers == 0 else None))
+                raw_read_seconds(paths, cold=False)  # the warm run reads a cached copy
+                rate = _median_rate(lambda: raw_read_seconds(paths, cold), args.repeats,
+                                    records)
+                rows.append((compression, "raw sequential read of the shard files", cold,
+                             rate, mb_per_volume, None))
+            raw_cold[compression] = rows[-2][3]
 
-        baseline_paths = sorted(os.path.join(scans_dir, n) for n in os.listdir(scans_dir))
-        baseline_paths = baseline_paths[:args.baseline_volumes]
+            steps = args.epochs * (records // args.batch_size)
+            volumes = steps * args.batch_size
+            pipeline = None
+            for output in args.outputs.split(","):
+                for workers in [int(v) for v in args.workers.split(",")]:
+                    pipeline = input_pipeline.PipelineConfig(
+                        shard_dir=shard_dir, tokenizer_path=tokenizer,
+                        global_batch_size=args.batch_size, max_text_length=32,
+                        num_workers=workers, read_threads=args.read_threads,
+                        normalise_on_device=output == "int16")
+                    for cold in (True, False):
+                        rate, cpu_ms = _median_rate_and_cpu(
+                            lambda: pipeline_seconds(pipeline, steps, paths, cold),
+                            args.repeats, volumes)
+                        rows.append((compression, f"Grain, {output} batch, {workers} worker "
+                                     f"processes", cold, rate, mb_per_volume,
+                                     cpu_ms if workers == 0 else None))
+            if not args.no_stages:
+                stages += [(compression, *stage) for stage in stage_costs(
+                    pipeline, paths, args.batch_size, compression)]
+
+        scans = sorted(os.path.join(scans_dir, n) for n in os.listdir(scans_dir))
+        baseline_paths = scans[:args.baseline_volumes]
         with contextlib.suppress(ImportError):
             import torch  # noqa: F401 - imported before the clock starts, not timed
         start, cpu = time.perf_counter(), time.process_time()
@@ -286,37 +299,39 @@ def main() -> None:
             original_per_sample(path, config)
         baseline = len(baseline_paths) / (time.perf_counter() - start)
         baseline_cpu_ms = (time.process_time() - cpu) * 1e3 / len(baseline_paths)
-
-        stages = [] if args.no_stages else stage_costs(pipeline, paths, args.batch_size)
         load_after = os.getloadavg()
+        allocator = {k: v for k, v in os.environ.items()
+                     if k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
 
-        print(f"{records} records of {config.target_shape} int16 "
-              f"({voxel_mb:.1f} MB of voxels, {bytes_per_volume / 1e6:.2f} MB in the files) "
-              f"from {shape} inputs; batch {args.batch_size}, {steps} steps per pipeline "
-              f"measurement; median of {args.repeats} repeats")
+        print(f"{records} records of {config.target_shape} int16 ({voxel_mb:.1f} MB of "
+              f"voxels) from {shape} inputs; batch {args.batch_size}, {steps} steps per "
+              f"pipeline measurement; {args.read_threads} read threads; median of "
+              f"{args.repeats} repeats")
         print()
-        print("| path | page cache | volumes/s | MB/s of shard file | vs raw cold read "
-              "| vs original | CPU ms / volume | vs original, CPU |")
-        print("|---|---|---|---|---|---|---|---|")
-        for name, cold, rate, cpu_ms in rows:
-            cpu = (f"{cpu_ms:.0f} | {baseline_cpu_ms / cpu_ms:.1f}x" if cpu_ms else "- | -")
-            print(f"| {name} | {'cold' if cold else 'warm'} | {rate:.2f} "
-                  f"| {rate * bytes_per_volume / 1e6:.1f} | {rate / raw_cold:.1%} "
-                  f"| {rate / baseline:.1f}x | {cpu} |")
-        print(f"| original: load NIfTI, resample, normalise per sample (1 process) | - "
-              f"| {baseline:.2f} | {baseline * bytes_per_volume / 1e6:.1f} "
-              f"| {baseline / raw_cold:.1%} | 1.0x | {baseline_cpu_ms:.0f} | 1.0x |")
+        print("| shards | path | page cache | volumes/s | MB/s of shard file "
+              "| vs raw cold read (same shards) | vs original | CPU ms / volume "
+              "| vs original, CPU |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for compression, name, cold, rate, mb, cpu_ms in rows:
+            cpu = (f"{cpu_ms:.1f} | {baseline_cpu_ms / cpu_ms:.1f}x" if cpu_ms else "- | -")
+            print(f"| {compression} ({mb:.2f} MB/volume) | {name} | "
+                  f"{'cold' if cold else 'warm'} | {rate:.2f} | {rate * mb:.1f} "
+                  f"| {rate / raw_cold[compression]:.1%} | {rate / baseline:.1f}x | {cpu} |")
+        print(f"| NIfTI | original: load NIfTI, resample, normalise per sample (1 process) "
+              f"| - | {baseline:.2f} | - | - | 1.0x | {baseline_cpu_ms:.0f} | 1.0x |")
         if stages:
             print()
-            print("| stage (1 thread, warm page cache) | wall ms / volume | CPU ms / volume |")
-            print("|---|---|---|")
-            for name, wall_ms, cpu_ms in stages:
-                print(f"| {name} | {wall_ms:.1f} | {cpu_ms:.1f} |")
+            print("| shards | stage (1 thread, warm page cache) | wall ms / volume "
+                  "| CPU ms / volume |")
+            print("|---|---|---|---|")
+            for compression, name, wall_ms, cpu_ms in stages:
+                print(f"| {compression} | {name} | {wall_ms:.1f} | {cpu_ms:.1f} |")
         print()
         print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs; "
               f"python {platform.python_version()}; load average (1, 5, 15 min) "
               f"before {tuple(round(v, 1) for v in load_before)}, "
-              f"after {tuple(round(v, 1) for v in load_after)}")
+              f"after {tuple(round(v, 1) for v in load_after)}; allocator: "
+              f"{allocator or 'glibc defaults'}")
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)

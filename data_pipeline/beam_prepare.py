@@ -92,17 +92,17 @@ def _entry(data: dict) -> VolumeEntry:
 
 
 def _write_planned_shard(index: int, plan_path: str, out_dir: str, fingerprint: str,
-                         config: PreprocessConfig) -> None:
+                         config: PreprocessConfig, writer_options: str) -> None:
     """One element of the pipeline: writes shard `index` and records its completion.
 
     Holds one volume at a time; an input that fails is recorded, not raised.
     """
     shard = _load_plan(plan_path)[index]
-    store = ProgressStore(out_dir, fingerprint)
+    store = ProgressStore(out_dir, fingerprint, writer_options)
     # A temporary file per attempt: two attempts of one shard may run at once.
     tmp_path = os.path.join(store.directory, f"{shard.file}.{uuid.uuid4().hex}.tmp")
     done = write_shard(out_dir, shard, prepare.encode_in_order(shard.inputs, config, 1),
-                       tmp_path=tmp_path)
+                       tmp_path=tmp_path, writer_options=writer_options)
     store.mark_complete(shard, done)
 
 
@@ -121,7 +121,8 @@ def run_pipeline(store: ProgressStore, todo: Sequence[PlannedShard], config: Pre
              | "Spread" >> beam.Reshuffle()
              | "WriteShards" >> beam.Map(_write_planned_shard, plan_path=plan_path,
                                          out_dir=store.out_dir,
-                                         fingerprint=store.fingerprint, config=config))
+                                         fingerprint=store.fingerprint, config=config,
+                                         writer_options=store.writer_options))
 
 
 def _write_with_beam(store: ProgressStore, shards: list[PlannedShard],
@@ -147,7 +148,8 @@ def prepare_split_beam(ctrate_root: str, split: str, out_dir: str,
                        records_per_shard: int | None = None, shard_size_mb: float = 256,
                        limit: int | None = None, volumes_dir: str | None = None,
                        overwrite: bool = False, workers: int | None = None,
-                       pipeline_args: Sequence[str] = ()) -> prepare.Manifest:
+                       pipeline_args: Sequence[str] = (),
+                       compression: str = prepare.DEFAULT_COMPRESSION) -> prepare.Manifest:
     """`prepare.prepare_split` on Apache Beam; same arguments, same shards and manifest.
 
     `pipeline_args` are Beam pipeline options (``["--runner=DataflowRunner", ...]``);
@@ -167,6 +169,6 @@ def prepare_split_beam(ctrate_root: str, split: str, out_dir: str,
     return prepare.prepare_release_split(
         ctrate_root, split, out_dir, config, records_per_shard=records_per_shard,
         shard_size_mb=shard_size_mb, limit=limit, volumes_dir=volumes_dir,
-        overwrite=overwrite, verify_sha256=False,
+        overwrite=overwrite, verify_sha256=False, compression=compression,
         write_shards=functools.partial(_write_with_beam, config=config,
                                        pipeline_args=pipeline_args))

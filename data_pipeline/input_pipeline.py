@@ -11,7 +11,11 @@ order) is the same whatever the number of hosts.  The iterator's state (Grain's
 run sees exactly the batches an uninterrupted run would have seen.
 
 Batches are dicts of numpy arrays:
-  volume          float32[B, D, H, W]  HU mapped to [-1, 1] (`normalise_hu`)
+  volume          float32[B, D, H, W]  HU mapped to [-1, 1] (`normalise_hu`); or, with
+                  `PipelineConfig.normalise_on_device` (training only), instead:
+  volume_hu       int16[B, D, H, W]    the stored HU, normalised by the consumer inside
+                                       its jitted step (`schema.model_volume`), and
+  intensity_jitter float32[B, 2]       (scale, shift) per row, when augmentation jitters
   input_ids       int32[B, S]
   attention_mask  int32[B, S]
   labels          float32[B, 18]       (-1 where unknown)
@@ -38,26 +42,9 @@ from data_pipeline.tokenizer import TextEncoder
 TEXT_SECTIONS = ("findings", "impressions")
 
 
-def normalise_hu(volume_hu: np.ndarray, hu_window: tuple[float, float] = (-1000.0, 1000.0),
-                 *, out: np.ndarray | None = None) -> np.ndarray:
-    """int16 HU -> float32 in [-1, 1]: clip to the window, centre, divide by half its width.
-
-    With the default window this is the official CT-CLIP normalisation, HU / 1000
-    after clipping to [-1000, 1000].  Training, evaluation and inference all use it.
-    `out` (float32, the shape of `volume_hu`, e.g. a row of a batch buffer) receives
-    the result instead of a new array; it is returned either way.
-    """
-    low, high = hu_window
-    centre, half_width = (high + low) / 2.0, (high - low) / 2.0
-    if out is None:
-        out = np.empty(volume_hu.shape, np.float32)
-    # Convert and clip in one pass into `out`, then centre and scale in place: 2 passes
-    # over float32 and no temporary (bitwise the same as astype, clip, subtract, divide).
-    np.clip(volume_hu, np.float32(low), np.float32(high), out=out, dtype=np.float32)
-    if centre:
-        out -= np.float32(centre)
-    out /= np.float32(half_width)
-    return out
+# The one normalisation (int16 HU -> float32 [-1, 1]) lives in the shared schema module
+# so that jitted model steps can apply it on the device; re-exported here.
+normalise_hu = schema.normalise_hu
 
 
 def report_text(record: schema.CTRecord, sections: Sequence[str] = ("findings",)) -> str:
@@ -110,6 +97,14 @@ class PipelineConfig:
         whole, as the official trainer does.
       num_workers: Grain worker processes that decode and batch ahead of training
         (`grain.MultiprocessingOptions`; 0: decode in threads of this process).
+      read_threads: threads reading (and decompressing) records ahead; ArrayRecord
+        releases the GIL while it reads, so they overlap on free cores.
+      prefetch_buffer_size: records read ahead per thread pool.
+      normalise_on_device: training batches carry the stored int16 `volume_hu` (and
+        `intensity_jitter` when augmentation jitters) instead of float32 `volume`;
+        the training step normalises with `schema.model_volume` on the device.  Half
+        the bytes per batch and no float32 pass on the host (docs/performance.md).
+        Evaluation batches (`iterate_eval_batches`) always hold float32 `volume`.
       augmentation: training-time volume augmentation (`augment.VolumeAugmentation`:
         random crop, flips, intensity jitter); None (default) or the defaults
         change nothing.  Evaluation applies only its centre crop.
@@ -132,6 +127,7 @@ class PipelineConfig:
     read_threads: int = 2
     prefetch_buffer_size: int = 4
     augmentation: VolumeAugmentation | None = None
+    normalise_on_device: bool = False
 
 
 def _load_manifest(shard_dir: str):
@@ -324,19 +320,40 @@ class BatchExamples:
     `volume` float32[B, D, H, W] is written row by row by `normalise_hu` from each
     example's int16 `volume_hu` (then intensity-jittered where the example says so);
     every other field is stacked.  One conversion per volume and no float32 copy.
+    With `normalise=False` the int16 views are copied into `volume_hu`
+    int16[B, D, H, W] instead (plus `intensity_jitter` float32[B, 2], (1, 0) for
+    rows without, when any example has one), for `schema.model_volume` on the device.
     """
 
-    def __init__(self, hu_window):
+    def __init__(self, hu_window, normalise: bool = True):
         self.hu_window = tuple(hu_window)
+        self.normalise = normalise
 
     def __call__(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
         first = examples[0]
+        if not self.normalise:
+            return self._int16_batch(examples)
         volume = np.empty((len(examples), *first["volume_hu"].shape), np.float32)
         for row, example in zip(volume, examples):
             normalise_hu(example["volume_hu"], self.hu_window, out=row)
             if "intensity_jitter" in example:
                 apply_intensity_jitter(row, example["intensity_jitter"])
         batch = {"volume": volume}
+        for key in first:
+            if key not in ("volume_hu", "intensity_jitter"):
+                batch[key] = np.stack([example[key] for example in examples])
+        return batch
+
+    def _int16_batch(self, examples: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
+        first = examples[0]
+        volume_hu = np.empty((len(examples), *first["volume_hu"].shape), np.int16)
+        for row, example in zip(volume_hu, examples):
+            row[...] = example["volume_hu"]  # the one copy of the record's voxels
+        batch = {"volume_hu": volume_hu}
+        if any("intensity_jitter" in example for example in examples):
+            identity = np.array([1.0, 0.0], np.float32)
+            batch["intensity_jitter"] = np.stack(
+                [example.get("intensity_jitter", identity) for example in examples])
         for key in first:
             if key not in ("volume_hu", "intensity_jitter"):
                 batch[key] = np.stack([example[key] for example in examples])
@@ -371,7 +388,8 @@ def make_train_dataset(config: PipelineConfig, *, process_index: int = 0,
     dataset = _HostRowsOfGlobalBatches(dataset, config.global_batch_size, process_index,
                                        process_count)
     dataset = dataset.batch(config.global_batch_size // process_count, drop_remainder=True,
-                            batch_fn=BatchExamples(config.hu_window))
+                            batch_fn=BatchExamples(config.hu_window,
+                                                   normalise=not config.normalise_on_device))
     return _prefetch(dataset, config)
 
 
@@ -389,7 +407,8 @@ def iterate_eval_batches(config: PipelineConfig, *, process_index: int = 0,
     """Every record once, in shard order, in batches padded to a fixed size.
 
     The final batch is padded with copies of its first row marked `valid=False`, so
-    that a jitted model sees one batch shape only.
+    that a jitted model sees one batch shape only.  Volumes are float32 `volume`
+    whatever `normalise_on_device` says (evaluation code embeds `volume`).
     """
     source = grain.sources.ArrayRecordDataSource(shard_paths(config.shard_dir))
     host_batch = config.global_batch_size // process_count

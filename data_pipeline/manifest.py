@@ -16,10 +16,36 @@ from data_pipeline import schema
 
 MANIFEST_FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
-# One record per chunk, so that reading record i decompresses only record i.
-# zstd:3 is ArrayRecord's default compressor, written out so the manifest says it.
-WRITER_OPTIONS = "group_size:1,zstd:3"
+# Shard compression (`prepare --compression`): "zstd:N" (N = 1..22) or "none".  zstd:3,
+# ArrayRecord's default compressor, is the default: a quarter to a third of the bytes
+# on disk.  "none" costs no decompression when reading (the input pipeline then only
+# copies, see docs/performance.md) at 3-4x the disk space.
+DEFAULT_COMPRESSION = "zstd:3"
+COMPRESSIONS = ("none", "zstd:N")
 TMP_SUFFIX = ".tmp"
+
+
+def writer_options(compression: str = DEFAULT_COMPRESSION) -> str:
+    """ArrayRecord writer options for a shard `compression` ("none" or "zstd:N").
+
+    One record per chunk (group_size 1), so that reading record i decompresses only
+    record i.  Readers need no setting: ArrayRecord records each chunk's compression
+    in the file, so shards of any compression read the same way.
+
+    Raises ValueError naming the setting for anything else.
+    """
+    text = str(compression).strip().lower()
+    if text in ("none", "uncompressed"):
+        return "group_size:1,uncompressed"
+    name, _, level = text.partition(":")
+    if name == "zstd" and level.lstrip("-").isdigit() and 1 <= int(level) <= 22:
+        return f"group_size:1,zstd:{int(level)}"
+    raise ValueError(f"compression {compression!r} is not supported: use 'none' or "
+                     f"'zstd:N' with N from 1 to 22 (default {DEFAULT_COMPRESSION!r})")
+
+
+# The options of the default, as every manifest before `--compression` existed says.
+WRITER_OPTIONS = writer_options(DEFAULT_COMPRESSION)
 
 
 class UnsafePathError(ValueError):

@@ -4,6 +4,7 @@
         [--target-spacing 1.5,0.75,0.75] [--target-shape 240,480,480] \
         [--hu-window -1000,1000] [--records-per-shard N | --shard-size-mb M] \
         [--workers N] [--limit N] [--volumes-dir train_fixed] [--overwrite] \
+        [--compression zstd:3|zstd:N|none] \
         [--runner beam [-- BEAM_PIPELINE_OPTIONS]]
     python -m data_pipeline.prepare --scans PATH --out SHARD_DIR [same options, local runner]
 
@@ -45,6 +46,7 @@ import numpy as np
 
 from data_pipeline import failpoints, schema
 from data_pipeline.manifest import (  # noqa: F401 - re-exported: the manifest's old home
+    DEFAULT_COMPRESSION,
     MANIFEST_FORMAT_VERSION,
     MANIFEST_NAME,
     TMP_SUFFIX,
@@ -52,6 +54,7 @@ from data_pipeline.manifest import (  # noqa: F401 - re-exported: the manifest's
     Manifest,
     ShardInfo,
     UnsafePathError,
+    writer_options,
 )
 from data_pipeline.preprocess import PreprocessConfig, load_nifti_dhw, preprocess_volume
 from data_pipeline.release import VolumeEntry, split_inputs
@@ -184,7 +187,8 @@ def _write_here(store: ProgressStore, shards: list[PlannedShard], todo: list[Pla
                       f"shards already complete", file=sys.stderr)
         results = _counted(encode_in_order(pending_inputs, config, workers), bar)
         for shard in todo:
-            done[shard.index] = write_shard(store.out_dir, shard, results)
+            done[shard.index] = write_shard(store.out_dir, shard, results,
+                                            writer_options=store.writer_options)
             store.mark_complete(shard, done[shard.index])
             failpoints.reached("shard_complete")
     return done
@@ -206,7 +210,7 @@ def prepare_split(ctrate_root: str, split: str, out_dir: str,
                   records_per_shard: int | None = None, shard_size_mb: float = 256,
                   workers: int | None = None, limit: int | None = None,
                   volumes_dir: str | None = None, overwrite: bool = False,
-                  progress: bool = True) -> Manifest:
+                  progress: bool = True, compression: str = DEFAULT_COMPRESSION) -> Manifest:
     """Preprocesses `split` of the release at `ctrate_root` into shards in `out_dir`.
 
     Args:
@@ -221,6 +225,8 @@ def prepare_split(ctrate_root: str, split: str, out_dir: str,
       overwrite: replace earlier shards and manifest in `out_dir`.  Without it, an
         unfinished run of the same inputs and settings is resumed, a finished one
         returned as is, and anything else refused.
+      compression: shard compression, "zstd:N" (default zstd:3) or "none"
+        (`manifest.writer_options`); the input pipeline reads either.
 
     Volumes named in the release's ``no_chest_{split}.txt`` are left out and listed
     in `manifest.excluded`.  Returns the written `Manifest`; check `manifest.failed`
@@ -230,6 +236,7 @@ def prepare_split(ctrate_root: str, split: str, out_dir: str,
                                  records_per_shard=records_per_shard,
                                  shard_size_mb=shard_size_mb, limit=limit,
                                  volumes_dir=volumes_dir, overwrite=overwrite,
+                                 compression=compression,
                                  write_shards=functools.partial(
                                      _write_here, config=config, workers=workers,
                                      progress=progress, split=split))
@@ -239,20 +246,22 @@ def prepare_release_split(ctrate_root: str, split: str, out_dir: str,
                           config: PreprocessConfig, *, records_per_shard: int | None,
                           shard_size_mb: float, limit: int | None, volumes_dir: str | None,
                           overwrite: bool, write_shards: ShardWriter,
-                          verify_sha256: bool = True) -> Manifest:
+                          verify_sha256: bool = True,
+                          compression: str = DEFAULT_COMPRESSION) -> Manifest:
     """`prepare_split` with the shards written by `write_shards` (local or Beam)."""
     per_shard = inputs_per_shard(config.target_shape, records_per_shard, shard_size_mb)
     inputs = split_inputs(ctrate_root, split, volumes_dir=volumes_dir, limit=limit)
     return run_plan(inputs.entries, split, out_dir, config, ctrate_root, per_shard=per_shard,
                     overwrite=overwrite, failed_before=inputs.failed,
                     excluded=inputs.excluded, write_shards=write_shards,
-                    verify_sha256=verify_sha256)
+                    verify_sha256=verify_sha256, compression=compression)
 
 
 def prepare_scans(scans_path: str, out_dir: str, config: PreprocessConfig = PreprocessConfig(),
                   *, records_per_shard: int | None = None, shard_size_mb: float = 256,
                   workers: int | None = None, limit: int | None = None,
-                  overwrite: bool = False, progress: bool = True) -> Manifest:
+                  overwrite: bool = False, progress: bool = True,
+                  compression: str = DEFAULT_COMPRESSION) -> Manifest:
     """Preprocesses a user's own NIfTI files or DICOM series into shards in `out_dir`.
 
     `scans_path` is anything `user_scans.find_user_scans` accepts.  Records carry
@@ -271,7 +280,7 @@ def prepare_scans(scans_path: str, out_dir: str, config: PreprocessConfig = Prep
     root = scans_path if os.path.isdir(scans_path) else os.path.dirname(scans_path)
     return run_plan(scans, SCANS_SPLIT, out_dir, config, os.path.abspath(root),
                     per_shard=per_shard, overwrite=overwrite, failed_before=failed_before,
-                    excluded=[], write_shards=functools.partial(
+                    excluded=[], compression=compression, write_shards=functools.partial(
                         _write_here, config=config, workers=workers, progress=progress,
                         split=SCANS_SPLIT))
 
@@ -318,6 +327,14 @@ def _numbers(kind, count):
     return parse
 
 
+def _compression(text: str) -> str:
+    try:
+        writer_options(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = PreprocessConfig()
     parser = argparse.ArgumentParser(
@@ -345,6 +362,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="inputs per shard (fewer records where inputs fail)")
     sizes.add_argument("--shard-size-mb", type=float, default=256,
                        help="MiB of encoded records per shard (default 256)")
+    parser.add_argument("--compression", default=DEFAULT_COMPRESSION, type=_compression,
+                        help=f"shard compression: 'zstd:N' (N = 1..22) or 'none' (default "
+                             f"{DEFAULT_COMPRESSION}; 'none' reads with no decompression at "
+                             f"3-4x the disk space, see docs/data.md)")
     parser.add_argument("--workers", type=int, default=None, help="default: all CPUs")
     parser.add_argument("--limit", type=int, default=None, help="first N volumes only")
     parser.add_argument("--volumes-dir", default=None,
@@ -398,7 +419,8 @@ def main(argv: list[str] | None = None) -> int:
                                   min_slices=args.min_slices)
         common = dict(records_per_shard=args.records_per_shard,
                       shard_size_mb=args.shard_size_mb, workers=args.workers,
-                      limit=args.limit, overwrite=args.overwrite)
+                      limit=args.limit, overwrite=args.overwrite,
+                      compression=args.compression)
         if args.runner == "beam":
             from data_pipeline.beam_prepare import prepare_split_beam
 

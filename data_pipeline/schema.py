@@ -19,9 +19,10 @@ Record encoding (``RECORD_FORMAT_VERSION`` 1), one ArrayRecord entry per volume:
 
 The header holds every non-volume field (``VolumeName``, ids, texts, labels,
 spacing, the metadata row).  The voxels are Hounsfield units at the target
-grid, already clipped to the HU window; normalisation to [-1, 1] happens in
-the input pipeline (`data_pipeline.input_pipeline.normalise_hu`), the same
-code for training and inference.
+grid, already clipped to the HU window; normalisation to [-1, 1] is
+`normalise_hu` below, the one function for training and inference: on the host
+in the input pipeline, or on the accelerator inside a jitted step
+(`model_volume`, for batches that carry int16 ``volume_hu``).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ import numpy as np
 
 RECORD_FORMAT_VERSION = 1
 _MAGIC = b"CTR1"
+DEFAULT_HU_WINDOW = (-1000.0, 1000.0)
 
 # The 18 abnormality columns of `multi_abnormality_labels/*_predicted_labels.csv`,
 # in the release's column order (also the order of the official zero-shot script).
@@ -232,3 +234,64 @@ def decode_record(data: bytes) -> CTRecord:
         spacing_mm=tuple(header["spacing_mm"]),
         metadata=header.get("metadata", {}),
     )
+
+
+# ----------------------------------------------------------------------------------
+# Normalisation (shared by the input pipeline and jitted model steps)
+# ----------------------------------------------------------------------------------
+
+
+def normalise_hu(volume_hu, hu_window: tuple[float, float] = DEFAULT_HU_WINDOW, *,
+                 out: np.ndarray | None = None):
+    """int16 HU -> float32 in [-1, 1]: clip to the window, centre, divide by half its width.
+
+    With the default window this is the official CT-CLIP normalisation, HU / 1000
+    after clipping to [-1000, 1000].  Training, evaluation and inference all use it.
+
+    `volume_hu` is a numpy array (the input pipeline, export, chat) or a jax array,
+    also inside `jax.jit` (`model_volume`): the same float32 operations in the same
+    order, so both give the same values (bitwise on CPU; the tests check it).
+    `out` (numpy float32 of the shape of `volume_hu`, e.g. a row of a batch buffer)
+    receives the result instead of a new array; it is returned either way.
+    """
+    low, high = hu_window
+    centre, half_width = (high + low) / 2.0, (high - low) / 2.0
+    # Multiplying by the float32 reciprocal (within 1 ulp of dividing): XLA turns a
+    # division by a constant into exactly this multiplication, so writing it so here
+    # keeps the host and the jitted results bitwise equal.
+    scale = np.float32(1.0) / np.float32(half_width)
+    if out is None and not isinstance(volume_hu, np.ndarray):
+        # A jax array (no jax import here: its methods are numpy's).
+        volume = volume_hu.astype(np.float32).clip(np.float32(low), np.float32(high))
+        if centre:
+            volume = volume - np.float32(centre)
+        return volume * scale
+    if out is None:
+        out = np.empty(volume_hu.shape, np.float32)
+    # Convert and clip in one pass into `out`, then centre and scale in place: 2 passes
+    # over float32 and no temporary (bitwise the same as astype, clip, subtract, scale).
+    np.clip(volume_hu, np.float32(low), np.float32(high), out=out, dtype=np.float32)
+    if centre:
+        out -= np.float32(centre)
+    out *= scale
+    return out
+
+
+def model_volume(batch, hu_window: tuple[float, float] = DEFAULT_HU_WINDOW):
+    """float32[B, D, H, W] model input of a batch, in [-1, 1].
+
+    A batch holds either `volume` (normalised on the host) or int16 `volume_hu`
+    (the input pipeline's ``normalise_on_device``: half the bytes to move, and no
+    host pass), optionally with `intensity_jitter` float32[B, 2] (scale, shift).
+    For the latter this is `normalise_hu` and the jitter, meant to run inside the
+    jitted step on the accelerator.
+    """
+    if "volume" in batch:
+        return batch["volume"]
+    volume = normalise_hu(batch["volume_hu"], hu_window)
+    if "intensity_jitter" in batch:
+        jitter = batch["intensity_jitter"]
+        scale = jitter[:, 0].reshape((-1,) + (1,) * (volume.ndim - 1))
+        shift = jitter[:, 1].reshape((-1,) + (1,) * (volume.ndim - 1))
+        volume = (volume * scale + shift).clip(np.float32(-1.0), np.float32(1.0))
+    return volume

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from data_pipeline import failpoints, schema
 from data_pipeline.manifest import (
+    DEFAULT_COMPRESSION,
     MANIFEST_NAME,
     TMP_SUFFIX,
     WRITER_OPTIONS,
@@ -44,6 +45,7 @@ from data_pipeline.manifest import (
     ShardInfo,
     resolve_inside,
     write_atomically,
+    writer_options,
 )
 from data_pipeline.release import failure_record
 
@@ -97,14 +99,14 @@ def plan_shards(split: str, items: Sequence[Any], per_shard: int) -> list[Planne
 
 
 def plan_fingerprint(split: str, shards: Sequence[PlannedShard], preprocessing: dict,
-                     source_root: str) -> str:
+                     source_root: str, writer_options: str = WRITER_OPTIONS) -> str:
     """sha256 naming the inputs, their shard assignment and every setting that changes
     the bytes of a shard; two runs with the same fingerprint write identical shards."""
     description = {
         "split": split,
         "source_root": os.path.abspath(source_root),
         "preprocessing": preprocessing,
-        "writer_options": WRITER_OPTIONS,
+        "writer_options": writer_options,
         "record_format_version": schema.RECORD_FORMAT_VERSION,
         "shards": [[shard.file, [[item.volume_name, os.path.relpath(item.path, source_root)]
                                  for item in shard.inputs]] for shard in shards],
@@ -136,10 +138,15 @@ def fsync_file(path: str) -> None:
 
 
 class ProgressStore:
-    """The completion records of one shard directory (see the module docstring)."""
+    """The completion records of one shard directory (see the module docstring).
 
-    def __init__(self, out_dir: str, fingerprint: str):
+    `writer_options` are the ArrayRecord options its shards are written with
+    (`manifest.writer_options`), part of the plan like its fingerprint.
+    """
+
+    def __init__(self, out_dir: str, fingerprint: str, writer_options: str = WRITER_OPTIONS):
         self.out_dir, self.fingerprint = out_dir, fingerprint
+        self.writer_options = writer_options
         self.directory = os.path.join(out_dir, PROGRESS_DIR)
 
     # -- the directory as a whole ------------------------------------------------------
@@ -255,9 +262,10 @@ def open_out_dir(out_dir: str, store: ProgressStore, overwrite: bool) -> Manifes
 
 
 def write_shard(out_dir: str, shard: PlannedShard, results: Iterator[tuple],
-                tmp_path: str | None = None) -> CompletedShard:
+                tmp_path: str | None = None, writer_options: str = WRITER_OPTIONS
+                ) -> CompletedShard:
     """Writes the next len(shard.inputs) (item, encoded or None, reason) results into
-    `shard`'s file.
+    `shard`'s file, with the ArrayRecord `writer_options` (`manifest.writer_options`).
 
     The records go to `tmp_path` (default ``<file>.tmp``), which is synced and
     renamed to the shard's name when complete; a shard whose inputs all failed
@@ -274,7 +282,7 @@ def write_shard(out_dir: str, shard: PlannedShard, results: Iterator[tuple],
                 failed.append(failure_record(item, reason))
                 continue
             if writer is None:
-                writer = ArrayRecordWriter(tmp_path, WRITER_OPTIONS)
+                writer = ArrayRecordWriter(tmp_path, writer_options)
             writer.write(encoded)
             names.append(item.volume_name)
             failpoints.reached("record_written")
@@ -303,7 +311,7 @@ ShardWriter = Callable[[ProgressStore, list[PlannedShard], list[PlannedShard]],
 def run_plan(items: Sequence[Any], split: str, out_dir: str, config, source_root: str, *,
              per_shard: int, overwrite: bool, failed_before: list[dict],
              excluded: list[dict], write_shards: ShardWriter,
-             verify_sha256: bool = True) -> Manifest:
+             verify_sha256: bool = True, compression: str = DEFAULT_COMPRESSION) -> Manifest:
     """Prepares `items` into the resumable shards of `plan_shards` and writes the manifest.
 
     Args:
@@ -313,18 +321,21 @@ def run_plan(items: Sequence[Any], split: str, out_dir: str, config, source_root
       write_shards: writes the shards not yet complete (`ShardWriter`): worker
         processes here (`prepare`), or a Beam pipeline (`beam_prepare`).
       verify_sha256: re-hash already complete shards before keeping them (else size only).
+      compression: "zstd:N" or "none" (`manifest.writer_options`); recorded in the
+        manifest, and part of the plan (a rerun with another compression is refused).
 
     Both runners go through here, so for the same inputs and settings they plan the
     same shards, write files of the same names and bytes and the same manifest
     (but for `created`), and each can resume what the other left unfinished.
     """
+    options = writer_options(compression)
     preprocessing = {**config.to_dict(), "voxel_dtype": "int16",
                      "voxel_unit": "HU, rounded half to even", "layout": "DHW"}
     shards = plan_shards(split, items, per_shard)
     fingerprint = plan_fingerprint(split, shards, {
         "preprocessing": preprocessing, "failed_before": failed_before,
-        "excluded": excluded}, source_root)
-    store = ProgressStore(out_dir, fingerprint)
+        "excluded": excluded}, source_root, options)
+    store = ProgressStore(out_dir, fingerprint, options)
     finished = open_out_dir(out_dir, store, overwrite)
     if finished is not None:
         return finished
@@ -346,6 +357,7 @@ def run_plan(items: Sequence[Any], split: str, out_dir: str, config, source_root
         failed=sorted(failed, key=lambda failure: failure["volume_name"]),
         excluded=excluded,
         plan_sha256=fingerprint,
+        writer_options=options,
         created=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     )
     manifest.save(out_dir)

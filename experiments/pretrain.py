@@ -259,7 +259,8 @@ def train(workdir: str = gin.REQUIRED,
         shard_dir=paths.train, tokenizer_path=paths.tokenizer,
         global_batch_size=global_batch_size, max_text_length=max_text_length,
         text_sections=tuple(text_sections), sentence_sampling_prob=sentence_sampling_prob,
-        seed=seed, num_workers=num_data_workers, bad_records=bad_records)
+        seed=seed, num_workers=num_data_workers, bad_records=bad_records,
+        normalise_on_device=True)
 
     # --- Train state, fresh or restored. ---
     dtype = COMPUTE_DTYPES[compute_dtype]
@@ -304,7 +305,8 @@ def train(workdir: str = gin.REQUIRED,
     # --- The loop: step N-1's finiteness flag and logged metrics are read while step N
     # runs, so the device always has a step queued. ---
     step_fn = train_state.make_train_step(state, schedule, loss=loss, chunked=chunked_loss,
-                                          grad_accum_steps=grad_accum_steps)
+                                          grad_accum_steps=grad_accum_steps,
+                                          hu_window=pipeline.hu_window)
     writer = MetricsWriter(workdir, total_steps=num_steps, start_step=start_step,
                            enabled=is_main)
     profiler = profiling.StepProfiler(profile_window, os.path.join(workdir, "profile"),
@@ -327,7 +329,9 @@ def train(workdir: str = gin.REQUIRED,
                 throughput.data_wait += time.perf_counter() - t0
                 throughput.substituted += int(np.sum(host_batch["substituted"]))
                 device_batch = sharding.host_batch_to_global(
-                    {k: host_batch[k] for k in ("volume", "input_ids", "attention_mask")},
+                    {k: host_batch[k] for k in ("volume", "volume_hu", "intensity_jitter",
+                                                "input_ids", "attention_mask")
+                     if k in host_batch},
                     mesh)
                 if step == start_step:  # every process compiles before any one runs
                     distributed.compile_then_sync(step_fn, state.state, device_batch,

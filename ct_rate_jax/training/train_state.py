@@ -21,6 +21,7 @@ from ct_rate_jax import losses, sharding
 from ct_rate_jax.models import bert_weights
 from ct_rate_jax.models.bert import BertConfig
 from ct_rate_jax.models.ct_clip import CTCLIP
+from data_pipeline import schema
 
 ModelFactory = Callable[[nnx.Rngs], CTCLIP]
 
@@ -259,8 +260,13 @@ def _all_finite(tree) -> jax.Array:
 
 def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = None, *,
                     loss: str = "softmax", chunked: bool = False, grad_accum_steps: int = 1,
-                    skip_nonfinite: bool = True):
+                    skip_nonfinite: bool = True,
+                    hu_window: tuple[float, float] = schema.DEFAULT_HU_WINDOW):
     """Returns a jitted `step(state, batch) -> (state, metrics)` that donates `state`.
+
+    `batch` holds float32 `volume` or int16 `volume_hu` (the input pipeline's
+    `normalise_on_device`), which the step normalises first with `hu_window`
+    (`schema.model_volume`, the pipeline's own normalisation, here on the device).
 
     loss: "softmax" (InfoNCE) or "sigmoid" (SigLIP; needs `CTCLIPConfig.init_logit_bias`).
     chunked: compute the loss with the `shard_map` ring of `losses.chunked_*_loss`.
@@ -279,6 +285,9 @@ def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = N
     loss_fn = make_loss_fn(loss, mesh if chunked else None)
 
     def step(state, batch):
+        batch = {"volume": schema.model_volume(batch, hu_window),
+                 **{k: v for k, v in batch.items()
+                    if k not in ("volume", "volume_hu", "intensity_jitter")}}
         # The arrays of the incoming state, captured before the update mutates the
         # Variables that `merge` hands out.
         previous = jax.tree.leaves(state)

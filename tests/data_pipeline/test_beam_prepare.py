@@ -95,6 +95,18 @@ def test_command_line_beam_runner_equals_local_prepare(release, capsys):
     _assert_same_output(out, release["local"]["train"].directory)
 
 
+def test_uncompressed_shards_are_the_same_from_beam_and_local(release, tmp_path):
+    """--compression none reaches the Beam workers: same bytes as the local runner."""
+    local = prepare_split(release["release"], "train", str(tmp_path / "local"), CONFIG,
+                          records_per_shard=2, workers=1, progress=False, limit=3,
+                          compression="none")
+    beam = beam_prepare.prepare_split_beam(release["release"], "train",
+                                           str(tmp_path / "beam"), CONFIG,
+                                           records_per_shard=2, limit=3, compression="none")
+    assert local.writer_options == beam.writer_options == "group_size:1,uncompressed"
+    _assert_same_output(beam.directory, local.directory)
+
+
 def test_whole_shard_failing_and_no_chest_list_give_local_names_bytes_and_manifest(
         quirky_release, tmp_path):
     for split in ("train", "valid"):

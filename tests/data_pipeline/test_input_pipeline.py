@@ -294,7 +294,35 @@ def test_batch_level_normalisation_is_bitwise_the_per_example_path(config):
     assert all(e["volume_hu"].dtype == np.int16 for e in examples)  # no early float copy
     reference = records[0].volume_hu.astype(np.float32)
     reference = (np.clip(reference, np.float32(-160.5), np.float32(240.0))
-                 - np.float32(39.75)) / np.float32(200.25)
+                 - np.float32(39.75)) * (np.float32(1) / np.float32(200.25))
     out = np.full(records[0].volume_hu.shape, np.nan, np.float32)
     assert input_pipeline.normalise_hu(records[0].volume_hu, window, out=out) is out
     assert out.tobytes() == reference.tobytes()
+
+
+def test_int16_batches_normalised_on_the_device_equal_the_host_batches(config):
+    """`normalise_on_device`: batches carry the stored int16 voxels (half the bytes), and
+    `schema.model_volume` inside jit gives the host pipeline's float32 volume (bitwise
+    without jitter; jitter within float32 rounding), with every other field the same."""
+    import jax
+
+    to_model = jax.jit(lambda batch: schema.model_volume(batch, (-160.5, 240.0)))
+    for augmentation in (None, AUGMENT):
+        host_config = dataclasses.replace(config, hu_window=(-160.5, 240.0),
+                                          augmentation=augmentation)
+        device_config = dataclasses.replace(host_config, normalise_on_device=True)
+        for host, device in zip(_batches(host_config, 2), _batches(device_config, 2)):
+            assert "volume" not in device and device["volume_hu"].dtype == np.int16
+            assert ("intensity_jitter" in device) == (augmentation is not None)
+            arrays = {k: v for k, v in device.items() if k != "volume_name"}
+            volume = np.asarray(to_model(arrays))
+            if augmentation is None:
+                assert volume.tobytes() == host["volume"].tobytes()
+            else:
+                np.testing.assert_allclose(volume, host["volume"], rtol=0, atol=2e-7)
+            for key in host.keys() - {"volume"}:
+                np.testing.assert_array_equal(device[key], host[key])
+    # Evaluation batches stay float32 `volume` whatever the setting.
+    evaluation = next(input_pipeline.iterate_eval_batches(
+        dataclasses.replace(config, normalise_on_device=True)))
+    assert evaluation["volume"].dtype == np.float32

@@ -233,3 +233,28 @@ def test_existing_output_is_not_overwritten_silently(release, tmp_path):
     manifest = prepare_split(release, "train", str(tmp_path), CONFIG, workers=1, limit=2,
                              overwrite=True, progress=False)
     assert manifest.num_records == 2 and len(os.listdir(tmp_path)) == 2
+
+
+def test_uncompressed_shards_hold_the_same_records_and_say_so(release, prepared, tmp_path,
+                                                               capsys):
+    """--compression none: the manifest records it, the plan differs from the default's
+    (so a rerun with another compression is not mistaken for a resume), and readers get
+    the same records as from the default zstd shards; a bad value is one clear error."""
+    out, _ = prepared
+    status = main(["--ctrate-root", release, "--split", "train", "--out", str(tmp_path),
+                   "--target-spacing", "1.5,0.75,0.75", "--target-shape", "12,16,14",
+                   "--hu-window", "-1000,1000", "--min-slices", "6", "--records-per-shard",
+                   "2", "--workers", "1", "--no-progress", "--compression", "none"])
+    assert status == 1  # the release's bad inputs, as in `prepared`
+    plain, reference = Manifest.load(str(tmp_path)), Manifest.load(out)
+    assert plain.writer_options == "group_size:1,uncompressed"
+    assert reference.writer_options == "group_size:1,zstd:3"  # the default, unchanged
+    assert plain.plan_sha256 != reference.plan_sha256
+    assert [s.sha256 for s in plain.shards] != [s.sha256 for s in reference.shards]
+    for ours, theirs in zip(read_records(str(tmp_path)), read_records(out), strict=True):
+        assert ours.volume_name == theirs.volume_name
+        np.testing.assert_array_equal(ours.volume_hu, theirs.volume_hu)
+    with pytest.raises(SystemExit):
+        main(["--ctrate-root", release, "--split", "train", "--out", str(tmp_path / "x"),
+              "--compression", "gzip"])
+    assert "compression 'gzip' is not supported" in capsys.readouterr().err
