@@ -339,7 +339,8 @@ class RecordToExample:
         self.augmentation = augmentation
         if sentence_views and sentence_encoder is None:
             raise ValueError("sentence_views needs a sentence_encoder")
-        sentence_key_fn(sentence_keys)  # fails here for an unknown kind
+        if sentence_views:
+            sentence_key_fn(sentence_keys)  # fails here for an unknown kind
         self.sentence_views, self.sentence_encoder = sentence_views, sentence_encoder
         self.sentence_keys, self.max_report_sentences = sentence_keys, max_report_sentences
 
