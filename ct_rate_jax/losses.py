@@ -5,7 +5,10 @@ is computed over the *global* batch: every volume is contrasted with every repor
 every device (XLA gathers the latents), unlike the official PyTorch trainer, whose
 negatives come from one GPU's batch only.
 
-`clip_softmax_loss` (InfoNCE) and `sigmoid_loss` (SigLIP) build that matrix whole;
+`clip_softmax_loss` (InfoNCE), `multi_positive_softmax_loss` (InfoNCE with several
+positives per row and column, for single-sentence text views) and `sigmoid_loss`
+(SigLIP) build that matrix whole (`supervised_contrastive_loss` is the text-text
+companion of the sentence views);
 `chunked_softmax_loss` and `chunked_sigmoid_loss` give the same values and gradients
 with per-device code (`jax.shard_map`) that holds one [B/n, B/n] block at a time.
 """
@@ -50,6 +53,90 @@ def clip_softmax_loss(image_latents_bd: jax.Array, text_latents_bd: jax.Array,
         "text_to_image_accuracy": jnp.mean(jnp.argmax(logits_it, axis=0) == targets),
     }
     return loss, metrics
+
+
+
+def multi_positive_softmax_loss(image_latents_bd: jax.Array, text_latents_kd: jax.Array,
+                                positives_bk: jax.Array, logit_scale: jax.Array
+                                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Symmetric InfoNCE where a pair is positive wherever `positives_bk` says so.
+
+    For single-sentence text views: text k is one sentence of one report, and image i
+    and text k are a positive pair when image i's report makes the statement of
+    sentence k (so "No pleural effusion was detected." is a positive for every volume
+    of the batch whose report says so, not only for the volume it was drawn from, which
+    the one-positive softmax would punish).  With logits l = s * image @ text.T:
+
+      image->text, per image i:  -mean over k in P(i) of log softmax_k(l[i, :])
+      text->image, per text k:   -mean over i in P(k) of log softmax_i(l[:, k])
+      loss = (mean_i image->text + mean_k text->image) / 2
+
+    the "outside" form of the supervised contrastive loss (Khosla et al. 2020), which
+    pulls a text towards the mean of all its positive images.  With B == K and
+    `positives_bk` the identity it is `clip_softmax_loss`.  Like the other unchunked
+    losses it is computed over the global batch under jit.
+
+    Args:
+      image_latents_bd: float[B, D] unit-norm image latents.
+      text_latents_kd: float[K, D] unit-norm text latents.
+      positives_bk: bool or 0/1 [B, K]; every row and every column needs at least one
+        positive (a text view is always positive for the image it was drawn from).
+      logit_scale: scalar.
+
+    Returns:
+      loss: float32 scalar.
+      metrics: image_to_text / text_to_image accuracy, the share of rows (columns)
+        whose highest logit is a positive.
+    """
+    logits = clip_logits(image_latents_bd, text_latents_kd, logit_scale)
+    positives = positives_bk.astype(jnp.float32)
+    log_p_image_to_text = jax.nn.log_softmax(logits, axis=1)
+    log_p_text_to_image = jax.nn.log_softmax(logits, axis=0)
+    image_to_text = -jnp.sum(positives * log_p_image_to_text, axis=1) / jnp.sum(positives, 1)
+    text_to_image = -jnp.sum(positives * log_p_text_to_image, axis=0) / jnp.sum(positives, 0)
+    loss = 0.5 * (image_to_text.mean() + text_to_image.mean())
+    hit = lambda axis: jnp.take_along_axis(  # noqa: E731
+        positives, jnp.expand_dims(jnp.argmax(logits, axis=axis), axis), axis=axis)
+    metrics = {"image_to_text_accuracy": jnp.mean(hit(1)),
+               "text_to_image_accuracy": jnp.mean(hit(0))}
+    return loss, metrics
+
+
+
+def supervised_contrastive_loss(latents_kd: jax.Array, keys_k: jax.Array,
+                                logit_scale: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """SupCon (Khosla et al. 2020) among K latents of one modality, positives by key.
+
+    For the single-sentence text views: views with the same statement key
+    ("No pleural effusion was detected." and "Pleural effusion is not present.") are
+    positives, every other view of the batch a negative, so that the text tower learns
+    that the negated and the positive statement of a finding are different texts.  With
+    l = s * latents @ latents.T and the diagonal left out of every softmax:
+
+      per anchor k with at least one positive:  -mean over p in P(k) of log softmax_j(l[k, :])[p]
+      loss = mean over those anchors (0 when no anchor has a positive)
+
+    Args:
+      latents_kd: float[K, D] unit-norm latents.
+      keys_k: int[K]; equal keys mark positives.
+      logit_scale: scalar (the model's, shared with the image-text loss).
+
+    Returns:
+      loss: float32 scalar.
+      metrics: anchors: the share of views that have a positive.
+    """
+    count = latents_kd.shape[0]
+    self_pair = jnp.eye(count, dtype=bool)
+    logits = logit_scale * jnp.einsum("kd,jd->kj", latents_kd.astype(jnp.float32),
+                                      latents_kd.astype(jnp.float32))
+    log_p = jax.nn.log_softmax(jnp.where(self_pair, -jnp.inf, logits), axis=1)
+    positives = ((keys_k[:, None] == keys_k[None, :]) & ~self_pair).astype(jnp.float32)
+    per_anchor = jnp.sum(positives * jnp.where(self_pair, 0.0, log_p), axis=1)
+    num_positives = jnp.sum(positives, axis=1)
+    has_positive = num_positives > 0
+    loss = -jnp.sum(jnp.where(has_positive, per_anchor / jnp.maximum(num_positives, 1), 0.0)
+                    ) / jnp.maximum(jnp.sum(has_positive), 1)
+    return loss, {"anchors": jnp.mean(has_positive)}
 
 
 def sigmoid_loss(image_latents_bd: jax.Array, text_latents_bd: jax.Array,

@@ -21,12 +21,20 @@ Batches are dicts of numpy arrays:
   labels          float32[B, 18]       (-1 where unknown)
   volume_name     str[B]               (host-side only, for logs and evaluation)
   valid           bool[B]              False for padding rows of a final eval batch
+
+With `sentence_views = m > 0` training batches also hold m single sentences per report
+(`draw_sentence_views`, for `losses.multi_positive_softmax_loss`):
+  sentence_ids    int32[B, m, S_s]     one sentence each, S_s = sentence_view_length
+  sentence_mask   int32[B, m, S_s]
+  sentence_keys   int32[B, m]          the statement each sentence makes (`statement_hash`)
+  report_keys     int32[B, R]          every statement of the report, -1 padded
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import zlib
 import os
 import re
 import sys
@@ -83,6 +91,54 @@ def sample_sentences(text: str, rng: np.random.Generator) -> str:
     return " ".join(sentences[i] for i in keep)
 
 
+SENTENCE_KEYS = ("text", "synthetic_statement")
+
+
+def report_sentences(text: str) -> list[str]:
+    """The sentences of a training text (split after '.', '!' or '?')."""
+    return [s for s in _SENTENCE_END.split(text.strip()) if s]
+
+
+def sentence_key_fn(kind: str):
+    """`sentence -> str` naming the statement a sentence makes; equal keys are the same text
+    for the multi-positive sentence loss.
+
+    "text": the normalised sentence itself (lower case, single spaces; any corpus).
+    "synthetic_statement": for the synthetic release's reports, "<Abnormality>: present"
+      or ": absent" for every sentence written from a finding's templates, so that
+      "No pleural effusion was detected." and "Pleural effusion is not present." are one
+      statement (`data_pipeline.synthetic.statements`); other sentences key as text.
+    """
+    from data_pipeline.synthetic import statements  # light: templates and regexes only
+
+    if kind == "text":
+        return statements.normalised_sentence
+    if kind == "synthetic_statement":
+        return statements.statement_key
+    raise ValueError(f"sentence_keys must be one of {SENTENCE_KEYS}, got {kind!r}")
+
+
+def statement_hash(key: str) -> int:
+    """A statement key as a non-negative int32 (CRC-32, stable across processes and runs),
+    so that the train step can compare statements of the whole global batch on device."""
+    return zlib.crc32(key.encode("utf-8")) & 0x7FFFFFFF
+
+
+def draw_sentence_views(text: str, views: int, key_fn, rng: np.random.Generator,
+                        max_report_sentences: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+    """`views` sentences of `text` drawn uniformly (without replacement while there are
+    enough), their statement hashes int32[views] and the hashes of every statement of
+    the text, int32[max_report_sentences] padded with -1."""
+    sentences = report_sentences(text) or [text]
+    keys = [statement_hash(key_fn(s)) for s in sentences]
+    picked = rng.choice(len(sentences), size=views, replace=len(sentences) < views)
+    unique = sorted(set(keys))[:max_report_sentences]
+    report_keys = np.full(max_report_sentences, -1, np.int32)
+    report_keys[:len(unique)] = unique
+    return ([sentences[i] for i in picked], np.asarray([keys[i] for i in picked], np.int32),
+            report_keys)
+
+
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
     """What a pipeline reads and how it batches.
@@ -105,6 +161,13 @@ class PipelineConfig:
         the training step normalises with `schema.model_volume` on the device.  Half
         the bytes per batch and no float32 pass on the host (docs/performance.md).
         Evaluation batches (`iterate_eval_batches`) always hold float32 `volume`.
+      sentence_views: training only; single sentences drawn per report (uniformly, from
+        the text before sentence sampling) as extra text views for the multi-positive
+        sentence loss (`draw_sentence_views`); 0 (default): none.
+      sentence_view_length: tokens per sentence view, incl. [CLS] and [SEP].
+      sentence_keys: which sentences count as the same text: "text" or
+        "synthetic_statement" (`sentence_key_fn`).
+      max_report_sentences: statements kept per report in `report_keys`.
       augmentation: training-time volume augmentation (`augment.VolumeAugmentation`:
         random crop, flips, intensity jitter); None (default) or the defaults
         change nothing.  Evaluation applies only its centre crop.
@@ -128,6 +191,10 @@ class PipelineConfig:
     prefetch_buffer_size: int = 4
     augmentation: VolumeAugmentation | None = None
     normalise_on_device: bool = False
+    sentence_views: int = 0
+    sentence_view_length: int = 32
+    sentence_keys: str = "text"
+    max_report_sentences: int = 64
 
 
 def _load_manifest(shard_dir: str):
@@ -254,7 +321,9 @@ class RecordToExample:
     def __init__(self, text_encoder: TextEncoder, text_sections, hu_window,
                  sentence_sampling_prob: float = 0.0, *, source=None,
                  locator: RecordLocator | None = None, bad_records: str = "stop",
-                 augmentation: VolumeAugmentation | None = None):
+                 augmentation: VolumeAugmentation | None = None, sentence_views: int = 0,
+                 sentence_encoder: TextEncoder | None = None, sentence_keys: str = "text",
+                 max_report_sentences: int = 64):
         if bad_records not in BAD_RECORD_POLICIES:
             raise ValueError(f"bad_records must be one of {BAD_RECORD_POLICIES}, got "
                              f"{bad_records!r}")
@@ -264,6 +333,12 @@ class RecordToExample:
         self.sentence_sampling_prob = sentence_sampling_prob
         self.source, self.locator, self.bad_records = source, locator, bad_records
         self.augmentation = augmentation
+        if sentence_views and sentence_encoder is None:
+            raise ValueError("sentence_views needs a sentence_encoder")
+        if sentence_views:
+            sentence_key_fn(sentence_keys)  # fails here for an unknown kind
+        self.sentence_views, self.sentence_encoder = sentence_views, sentence_encoder
+        self.sentence_keys, self.max_report_sentences = sentence_keys, max_report_sentences
 
     def _decode(self, item) -> tuple[schema.CTRecord, bool]:
         """(record, substituted) for bytes or an (index, bytes | read error) item."""
@@ -289,7 +364,7 @@ class RecordToExample:
 
     def __call__(self, data, rng: np.random.Generator | None = None) -> dict[str, Any]:
         record, substituted = self._decode(data)
-        text = report_text(record, self.text_sections)
+        full_text = text = report_text(record, self.text_sections)
         if rng is not None and rng.random() < self.sentence_sampling_prob:
             text = sample_sentences(text, rng)
         input_ids, attention_mask = self.text_encoder.encode(text)
@@ -304,6 +379,12 @@ class RecordToExample:
                 example["volume_hu"], jitter = augmentation.draw(record.volume_hu, rng)
                 if jitter is not None:
                     example["intensity_jitter"] = jitter
+        if rng is not None and self.sentence_views:  # last: the draws above stay the same
+            sentences, example["sentence_keys"], example["report_keys"] = draw_sentence_views(
+                full_text, self.sentence_views, sentence_key_fn(self.sentence_keys), rng,
+                self.max_report_sentences)
+            example["sentence_ids"], example["sentence_mask"] = (
+                self.sentence_encoder.encode_batch(sentences))
         return example | {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -383,7 +464,13 @@ def make_train_dataset(config: PipelineConfig, *, process_index: int = 0,
     dataset = dataset.random_map(
         RecordToExample(_text_encoder(config), config.text_sections, config.hu_window,
                         config.sentence_sampling_prob, source=indexed, locator=locator,
-                        bad_records=config.bad_records, augmentation=config.augmentation),
+                        bad_records=config.bad_records, augmentation=config.augmentation,
+                        sentence_views=config.sentence_views,
+                        sentence_encoder=(TextEncoder.from_path(config.tokenizer_path,
+                                                                config.sentence_view_length)
+                                          if config.sentence_views else None),
+                        sentence_keys=config.sentence_keys,
+                        max_report_sentences=config.max_report_sentences),
         seed=config.seed)
     dataset = _HostRowsOfGlobalBatches(dataset, config.global_batch_size, process_index,
                                        process_count)

@@ -161,6 +161,11 @@ def train(workdir: str = gin.REQUIRED,
           max_text_length: int = 512,
           text_sections: tuple[str, ...] = ("findings",),
           sentence_sampling_prob: float = 0.0,
+          sentence_views: int = 0,
+          sentence_view_length: int = 32,
+          sentence_keys: str = "text",
+          sentence_loss_weight: float = 1.0,
+          sentence_text_loss_weight: float = 0.0,
           mesh_shape: tuple[int, int, int] = (-1, 1, 1),
           compute_dtype: str = "float32",
           remat_policy: str | None = None,
@@ -199,6 +204,18 @@ def train(workdir: str = gin.REQUIRED,
       text_sections: report sections used as text ("findings", "impressions").
       sentence_sampling_prob: probability of training on a random subset of a report's
         sentences instead of the whole report (text augmentation; 0 = off).
+      sentence_views: m > 0 adds m single sentences per report as extra text views and
+        `sentence_loss_weight` times their multi-positive InfoNCE
+        (`losses.multi_positive_softmax_loss`): a sentence is a positive for every
+        volume of the global batch whose report makes the same statement
+        (docs/demo_zero_shot.md).  0 (default): off, the official loss alone.
+      sentence_view_length: tokens per sentence view.
+      sentence_keys: which sentences are the same statement: "text" (identical
+        normalised sentences) or "synthetic_statement" (the synthetic reports'
+        templates: "No X was detected." = "X is not present.").
+      sentence_text_loss_weight: adds that times a text-text contrastive loss among the
+        sentence views (`losses.supervised_contrastive_loss`: views of the same statement
+        are positives), inside the sentence loss; 0 (default): off.
       loss: "softmax" (InfoNCE, official) or "sigmoid" (SigLIP; needs
         `CTCLIPConfig.init_logit_bias`).
       compute_dtype: "float32" or "bfloat16" (matmuls and activations; parameters and
@@ -236,7 +253,20 @@ def train(workdir: str = gin.REQUIRED,
                          f"{sentence_sampling_prob}")
     if compute_dtype not in COMPUTE_DTYPES:
         raise ValueError(f"train.compute_dtype must be one of {sorted(COMPUTE_DTYPES)}")
-    train_state.check_loss_settings(model, loss, grad_accum_steps)
+    if sentence_views < 0:
+        raise ValueError(f"train.sentence_views must be >= 0, got {sentence_views}")
+    if sentence_keys not in input_pipeline.SENTENCE_KEYS:
+        raise ValueError(f"train.sentence_keys must be one of {input_pipeline.SENTENCE_KEYS}, "
+                         f"got {sentence_keys!r}")
+    if sentence_views and not 2 < sentence_view_length <= model.text.max_position_embeddings:
+        raise ValueError(f"train.sentence_view_length = {sentence_view_length} must be in "
+                         f"[3, {model.text.max_position_embeddings}] (the text tower's "
+                         f"max_position_embeddings)")
+    sentence_loss_weight = sentence_loss_weight if sentence_views else 0.0
+    if sentence_text_loss_weight < 0:
+        raise ValueError(f"train.sentence_text_loss_weight must be >= 0, got "
+                         f"{sentence_text_loss_weight}")
+    train_state.check_loss_settings(model, loss, grad_accum_steps, sentence_loss_weight)
     if nonfinite not in NONFINITE_POLICIES:
         raise ValueError(f"train.nonfinite must be one of {NONFINITE_POLICIES}, got "
                          f"{nonfinite!r}")
@@ -260,7 +290,9 @@ def train(workdir: str = gin.REQUIRED,
         global_batch_size=global_batch_size, max_text_length=max_text_length,
         text_sections=tuple(text_sections), sentence_sampling_prob=sentence_sampling_prob,
         seed=seed, num_workers=num_data_workers, bad_records=bad_records,
-        normalise_on_device=True)
+        normalise_on_device=True,
+        sentence_views=sentence_views, sentence_view_length=sentence_view_length,
+        sentence_keys=sentence_keys)
 
     # --- Train state, fresh or restored. ---
     dtype = COMPUTE_DTYPES[compute_dtype]
@@ -306,7 +338,12 @@ def train(workdir: str = gin.REQUIRED,
     # runs, so the device always has a step queued. ---
     step_fn = train_state.make_train_step(state, schedule, loss=loss, chunked=chunked_loss,
                                           grad_accum_steps=grad_accum_steps,
-                                          hu_window=pipeline.hu_window)
+                                          hu_window=pipeline.hu_window,
+                                          sentence_loss_weight=sentence_loss_weight,
+                                          sentence_text_loss_weight=sentence_text_loss_weight)
+    batch_fields = ("volume", "volume_hu", "intensity_jitter", "input_ids",
+                    "attention_mask") + (
+        train_state.SENTENCE_VIEW_FIELDS if sentence_views else ())
     writer = MetricsWriter(workdir, total_steps=num_steps, start_step=start_step,
                            enabled=is_main)
     profiler = profiling.StepProfiler(profile_window, os.path.join(workdir, "profile"),
@@ -329,9 +366,7 @@ def train(workdir: str = gin.REQUIRED,
                 throughput.data_wait += time.perf_counter() - t0
                 throughput.substituted += int(np.sum(host_batch["substituted"]))
                 device_batch = sharding.host_batch_to_global(
-                    {k: host_batch[k] for k in ("volume", "volume_hu", "intensity_jitter",
-                                                "input_ids", "attention_mask")
-                     if k in host_batch},
+                    {k: host_batch[k] for k in batch_fields if k in host_batch},
                     mesh)
                 if step == start_step:  # every process compiles before any one runs
                     distributed.compile_then_sync(step_fn, state.state, device_batch,

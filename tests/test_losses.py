@@ -156,3 +156,76 @@ def test_chunked_loss_rejects_a_batch_the_mesh_does_not_divide():
     latents = jnp.zeros((12, 4))
     with pytest.raises(ValueError, match="divide"):
         losses.chunked_softmax_loss(latents, latents, jnp.asarray(1.0), mesh)
+
+
+# --- Multi-positive InfoNCE (single-sentence text views) ----------------------------------
+
+
+def numpy_multi_positive_loss(image, text, positives, scale):
+    """Per image: -mean of log softmax over texts at its positives; per text likewise over
+    images; the two means averaged."""
+    logits = scale * image @ text.T
+
+    def log_softmax(rows):
+        rows = rows - rows.max(axis=1, keepdims=True)
+        return rows - np.log(np.exp(rows).sum(axis=1, keepdims=True))
+
+    rows = [-log_softmax(logits)[i, positives[i]].mean() for i in range(len(image))]
+    cols = [-log_softmax(logits.T)[k, positives[:, k]].mean() for k in range(len(text))]
+    return 0.5 * (np.mean(rows) + np.mean(cols))
+
+
+def test_multi_positive_loss_matches_numpy():
+    rng = np.random.default_rng(7)
+    image, text = unit_rows(rng, (6, 16)), unit_rows(rng, (18, 16))
+    positives = rng.random((6, 18)) < 0.3
+    positives[np.arange(18) // 3, np.arange(18)] = True  # each text's own image
+    for scale in (1.0, 14.3, 50.0):
+        loss, metrics = losses.multi_positive_softmax_loss(
+            jnp.asarray(image), jnp.asarray(text), jnp.asarray(positives), jnp.asarray(scale))
+        np.testing.assert_allclose(float(loss),
+                                   numpy_multi_positive_loss(image, text, positives, scale),
+                                   rtol=1e-5)
+        logits = image @ text.T
+        np.testing.assert_allclose(
+            float(metrics["image_to_text_accuracy"]),
+            positives[np.arange(6), logits.argmax(1)].mean())
+
+
+def test_multi_positive_loss_with_one_positive_each_is_infonce():
+    rng = np.random.default_rng(8)
+    image, text = unit_rows(rng, (10, 8)), unit_rows(rng, (10, 8))
+    got, _ = losses.multi_positive_softmax_loss(jnp.asarray(image), jnp.asarray(text),
+                                                jnp.eye(10, dtype=bool), jnp.asarray(20.0))
+    want, _ = losses.clip_softmax_loss(jnp.asarray(image), jnp.asarray(text), jnp.asarray(20.0))
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
+
+
+def numpy_supervised_contrastive_loss(latents, keys, scale):
+    """Per anchor with another latent of its key: -mean log softmax (self left out) over
+    those positives; averaged over such anchors."""
+    logits = scale * latents @ latents.T
+    per_anchor = []
+    for k in range(len(latents)):
+        others = [j for j in range(len(latents)) if j != k]
+        row = logits[k, others]
+        log_p = row - row.max() - np.log(np.exp(row - row.max()).sum())
+        positives = [i for i, j in enumerate(others) if keys[j] == keys[k]]
+        if positives:
+            per_anchor.append(-log_p[positives].mean())
+    return np.mean(per_anchor)
+
+
+def test_supervised_contrastive_loss_matches_numpy():
+    rng = np.random.default_rng(9)
+    latents = unit_rows(rng, (14, 8))
+    keys = rng.integers(0, 6, 14)
+    keys[-1] = 99  # an anchor without positives is left out
+    for scale in (1.0, 14.3):
+        loss, metrics = losses.supervised_contrastive_loss(jnp.asarray(latents),
+                                                           jnp.asarray(keys), jnp.asarray(scale))
+        np.testing.assert_allclose(float(loss),
+                                   numpy_supervised_contrastive_loss(latents, keys, scale),
+                                   rtol=1e-5)
+    with_positive = np.mean([np.sum(keys == k) > 1 for k in keys])
+    assert float(metrics["anchors"]) == pytest.approx(with_positive)

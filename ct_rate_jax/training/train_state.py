@@ -121,14 +121,63 @@ def contrastive_loss(model: CTCLIP, image_latents_bd: jax.Array, text_latents_bd
     raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
 
 
-def make_loss_fn(loss: str = "softmax", mesh: Mesh | None = None):
+SENTENCE_VIEW_FIELDS = ("sentence_ids", "sentence_mask", "sentence_keys", "report_keys")
+
+
+def sentence_view_loss(model: CTCLIP, image_latents_bd: jax.Array,
+                       batch: dict[str, jax.Array], text_weight: float = 0.0):
+    """The multi-positive InfoNCE of the images against their single-sentence views,
+    plus `text_weight` times the views' `supervised_contrastive_loss` among themselves.
+
+    batch: sentence_ids / sentence_mask int[B, m, S], sentence_keys int[B, m] and
+      report_keys int[B, R] (-1 padded), as `data_pipeline.input_pipeline` writes them.
+    Text view k (one sentence of one report) is a positive for image i when image i's
+    report makes the same statement (`report_keys[i]` holds `sentence_keys` of k); the
+    comparison runs over the whole global batch, like the loss.  The text-text term
+    makes views of the same statement positives of each other and all other views
+    negatives.  Returns (loss, metrics).
+    """
+    ids = batch["sentence_ids"]
+    views = model.embed_text(ids.reshape(-1, ids.shape[-1]),
+                             batch["sentence_mask"].reshape(-1, ids.shape[-1]), train=True)
+    keys_k = batch["sentence_keys"].reshape(-1)
+    positives_bk = jnp.any(batch["report_keys"][:, :, None] == keys_k[None, None, :], axis=1)
+    scale = model.logit_scale()
+    value, metrics = losses.multi_positive_softmax_loss(image_latents_bd, views, positives_bk,
+                                                        scale)
+    if text_weight:
+        text_value, _ = losses.supervised_contrastive_loss(views, keys_k, scale)
+        metrics = dict(metrics, image_text_loss=value, text_text_loss=text_value)
+        value = value + text_weight * text_value
+    return value, metrics
+
+
+def make_loss_fn(loss: str = "softmax", mesh: Mesh | None = None,
+                 sentence_loss_weight: float = 0.0, sentence_text_loss_weight: float = 0.0):
     """`loss_fn(model, batch) -> (loss, metrics)` of one global batch (see
-    `contrastive_loss` for `loss` and `mesh`)."""
+    `contrastive_loss` for `loss` and `mesh`).
+
+    sentence_loss_weight: > 0 adds that times `sentence_view_loss` (the batch must carry
+      the sentence views, `input_pipeline.PipelineConfig.sentence_views`); it is
+      computed unchunked over the global batch whatever `mesh` says ([B, B * m] logits).
+    sentence_text_loss_weight: the weight of the text-text term inside it
+      (`sentence_view_loss`, [B * m, B * m] logits).
+    """
 
     def loss_fn(model: CTCLIP, batch: dict[str, jax.Array]):
         image, text = model(batch["volume"], batch["input_ids"], batch["attention_mask"],
                             train=True)
-        return contrastive_loss(model, image, text, loss=loss, mesh=mesh)
+        value, metrics = contrastive_loss(model, image, text, loss=loss, mesh=mesh)
+        if sentence_loss_weight:
+            sentence_loss, sentence_metrics = sentence_view_loss(
+                model, image, batch, sentence_text_loss_weight)
+            metrics = dict(metrics, report_loss=value, sentence_loss=sentence_loss,
+                           sentence_image_to_text_accuracy=sentence_metrics[
+                               "image_to_text_accuracy"])
+            if sentence_text_loss_weight:
+                metrics["sentence_text_loss"] = sentence_metrics["text_text_loss"]
+            value = value + sentence_loss_weight * sentence_loss
+        return value, metrics
 
     return loss_fn
 
@@ -138,7 +187,8 @@ def clip_loss_fn(model: CTCLIP, batch: dict[str, jax.Array]):
     return make_loss_fn()(model, batch)
 
 
-def check_loss_settings(config, loss: str, grad_accum_steps: int = 1) -> None:
+def check_loss_settings(config, loss: str, grad_accum_steps: int = 1,
+                        sentence_loss_weight: float = 0.0) -> None:
     """Raises ValueError for a loss the model cannot train with."""
     if loss not in LOSSES:
         raise ValueError(f"train.loss must be one of {LOSSES}, got {loss!r}")
@@ -148,6 +198,11 @@ def check_loss_settings(config, loss: str, grad_accum_steps: int = 1) -> None:
                          "init_temperature = 2.302585, i.e. log 10)")
     if grad_accum_steps < 1:
         raise ValueError(f"train.grad_accum_steps must be >= 1, got {grad_accum_steps}")
+    if sentence_loss_weight < 0:
+        raise ValueError(f"train.sentence_loss_weight must be >= 0, got {sentence_loss_weight}")
+    if sentence_loss_weight and grad_accum_steps > 1:
+        raise ValueError("train.sentence_loss_weight > 0 (sentence views) does not support "
+                         "train.grad_accum_steps > 1 yet; use one of the two")
 
 
 def _split_micro_batches(batch, steps: int, mesh: Mesh):
@@ -261,7 +316,9 @@ def _all_finite(tree) -> jax.Array:
 def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = None, *,
                     loss: str = "softmax", chunked: bool = False, grad_accum_steps: int = 1,
                     skip_nonfinite: bool = True,
-                    hu_window: tuple[float, float] = schema.DEFAULT_HU_WINDOW):
+                    hu_window: tuple[float, float] = schema.DEFAULT_HU_WINDOW,
+                    sentence_loss_weight: float = 0.0,
+                    sentence_text_loss_weight: float = 0.0):
     """Returns a jitted `step(state, batch) -> (state, metrics)` that donates `state`.
 
     `batch` holds float32 `volume` or int16 `volume_hu` (the input pipeline's
@@ -273,6 +330,9 @@ def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = N
     grad_accum_steps: split the global batch into this many micro-batches inside the
       step (`accumulated_loss_and_grads`: the big-batch gradient, one micro-batch's
       activations in memory at a time).  The defaults are the plain one-pass step.
+    sentence_loss_weight: > 0 adds the multi-positive loss of the batch's sentence views
+      (`make_loss_fn`; `sentence_text_loss_weight` its text-text term); the batch must
+      then carry `SENTENCE_VIEW_FIELDS`.
     skip_nonfinite: when the loss, the gradient norm or an updated parameter is not
       finite, return the input state unchanged (parameters, optimizer moments, step count, codebook), so that a
       bad batch can never put NaN into the weights; `metrics["nonfinite"]` is 1 for such
@@ -280,9 +340,10 @@ def make_train_step(train_state: TrainState, schedule: optax.Schedule | None = N
     """
     graphdef = train_state.graphdef
     mesh = train_state.mesh
-    check_loss_settings(train_state.model.config, loss, grad_accum_steps)
+    check_loss_settings(train_state.model.config, loss, grad_accum_steps, sentence_loss_weight)
     batch_sharding = sharding.batch_sharding(mesh)
-    loss_fn = make_loss_fn(loss, mesh if chunked else None)
+    loss_fn = make_loss_fn(loss, mesh if chunked else None, sentence_loss_weight,
+                           sentence_text_loss_weight)
 
     def step(state, batch):
         batch = {"volume": schema.model_volume(batch, hu_window),

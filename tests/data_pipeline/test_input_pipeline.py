@@ -326,3 +326,24 @@ def test_int16_batches_normalised_on_the_device_equal_the_host_batches(config):
     evaluation = next(input_pipeline.iterate_eval_batches(
         dataclasses.replace(config, normalise_on_device=True)))
     assert evaluation["volume"].dtype == np.float32
+
+
+def test_sentence_views_and_statement_keys(config):
+    views = dataclasses.replace(config, sentence_views=3, sentence_view_length=24,
+                                sentence_keys="synthetic_statement")
+    plain = next(iter(input_pipeline.make_train_dataset(config)))
+    batch = next(iter(input_pipeline.make_train_dataset(views)))
+    assert batch["sentence_ids"].shape == batch["sentence_mask"].shape == (4, 3, 24)
+    assert batch["sentence_keys"].shape == (4, 3) and batch["report_keys"].shape == (4, 64)
+    for name in ("volume", "input_ids", "labels"):  # the other draws are unchanged
+        np.testing.assert_array_equal(batch[name], plain[name])
+    # Every view's statement is among its own report's statements.
+    for keys, report in zip(batch["sentence_keys"], batch["report_keys"]):
+        assert set(keys.tolist()) <= set(report.tolist()) - {-1}
+    # Views are single sentences: one full stop each.
+    from data_pipeline.tokenizer import TextEncoder
+    tokenizer = TextEncoder.from_path(config.tokenizer_path, 24).tokenizer
+    for ids in batch["sentence_ids"].reshape(-1, 24):
+        assert tokenizer.decode(ids.tolist()).count(".") == 1
+    with pytest.raises(ValueError, match="sentence_keys"):
+        input_pipeline.sentence_key_fn("labels")

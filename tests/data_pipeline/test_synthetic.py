@@ -21,7 +21,7 @@ from data_pipeline.synthetic.conspicuity import DEMO_CONSPICUITY
 from data_pipeline.synthetic.labels import draw_labels, label_probabilities
 from data_pipeline.synthetic.release import main, save_nifti, to_stored
 from data_pipeline.synthetic.reports import (
-    FILLER, NEGATIVE_TEMPLATES, POSITIVE_TEMPLATES, canonical, write_report)
+    FILLER, NEGATIVE_TEMPLATES, NORMAL_IMPRESSIONS, POSITIVE_TEMPLATES, canonical, write_report)
 
 NUM_VOLUMES = 16
 SEED = 3
@@ -380,3 +380,26 @@ def test_command_line(tmp_path, capsys):
          "--num-volumes", "2", "--seed", "2", "--workers", "1"],
         capture_output=True, text=True, check=True)
     assert "2 volumes" in result.stdout
+
+
+def test_statement_keys_name_each_finding_sentence_and_its_polarity():
+    from data_pipeline.input_pipeline import report_sentences
+    from data_pipeline.synthetic.statements import statement_key
+
+    rng = np.random.default_rng(5)
+    fillers = {text.lower() for text, _ in FILLER}
+    for _ in range(200):
+        labels = (rng.random(18) < 0.3).astype(int)
+        report = write_report(labels, rng, negation_fraction=0.5)
+        text = f"{report['Findings_EN']} {report['Impressions_EN']}".replace("(", "")
+        keys = [statement_key(s) for s in report_sentences(text.replace(")", ""))]
+        stated = [k for k in keys if ": " in k]
+        for key in stated:
+            name, polarity = key.split(": ")
+            assert labels[ABNORMALITIES.index(name)] == (polarity == "present"), key
+        present = {k.split(": ")[0] for k in stated if k.endswith("present")}
+        assert present == {n for n, v in zip(ABNORMALITIES, labels) if v}
+        assert {k for k in keys if ": " not in k} <= fillers | {
+            s.lower() for s in NORMAL_IMPRESSIONS}
+    assert statement_key("No evidence of pleural effusion was seen.") == \
+        statement_key("Pleural effusion is not present.") == "Pleural effusion: absent"

@@ -10,12 +10,14 @@ import time
 
 import pytest
 
-from pretrain_runs import REPO, TINY_MODEL, data_bindings, metrics, run_pretrain  # noqa: F401
+from pretrain_runs import (REPO, TINY_MODEL, TINY_MODEL_WITH_VIEWS, data_bindings,  # noqa: F401
+                           metrics, run_pretrain)
 
 
 @pytest.mark.slow
 def test_train_resume_and_zero_shot(tiny_synthetic_data, tmp_path):
-    bindings = TINY_MODEL + data_bindings(tiny_synthetic_data)
+    # The demo's recipe, sentence views included.
+    bindings = TINY_MODEL_WITH_VIEWS + data_bindings(tiny_synthetic_data)
     first = run_pretrain(tmp_path / "resumed", bindings, steps=3)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "Zero-shot abnormality detection" in first.stdout and "mean" in first.stdout

@@ -78,6 +78,8 @@ def base(tiny_synthetic_data):
     (["train.keep_checkpoints=0"], 2, "train.keep_checkpoints must be >= 1"),
     (["train.grad_accum_steps=3"], 2, "train.grad_accum_steps"),
     (["train.sentence_sampling_prob=1.5"], 2, "train.sentence_sampling_prob"),
+    (["train.sentence_keys='labels'"], 2, "train.sentence_keys"),
+    (["train.sentence_view_length=64"], 2, "train.sentence_view_length = 64"),
     (["train.compute_dtype='float8'"], 2, "train.compute_dtype"),
     (["CTViTConfig.image_size=32"], 2, "CTViTConfig.image_size"),
     (["BertConfig.vocab_size=100"], 2, "BertConfig.vocab_size"),

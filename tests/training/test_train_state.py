@@ -335,3 +335,74 @@ def test_nonfinite_step_leaves_the_state_unchanged():
     state.state, metrics = step(state.state, sharding.host_batch_to_global(make_batch(0), mesh))
     assert int(metrics["nonfinite"]) == 0
     assert any(not np.array_equal(before[k], v) for k, v in params(state).items())
+
+
+def sentence_view_batch(seed=0, views=2):
+    """make_batch plus 2 sentence views per row; statements repeat across rows (and so
+    across devices), which makes positives off the diagonal."""
+    rng = np.random.default_rng(seed)
+    statements = rng.integers(0, 5, (BATCH, 4)).astype(np.int32)  # 4 per report, of 5
+    picked = statements[:, :views]
+    return dict(make_batch(seed),
+                sentence_ids=rng.integers(5, 128, (BATCH, views, 6)).astype(np.int32),
+                sentence_mask=np.ones((BATCH, views, 6), np.int32),
+                sentence_keys=picked, report_keys=statements)
+
+
+# Deterministic (no dropout, no VQ), so that the latents can be recomputed outside the step.
+# The grouped-convolution PEG compiles faster on the CPU (the meshes here shard only the
+# batch, where it partitions correctly; CTViTConfig.peg_impl).
+SENTENCE_CONFIG = dataclasses.replace(
+    ct_clip.variant("tiny", hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+    ctvit=dataclasses.replace(CONFIG.ctvit, use_vq=False, peg_impl="conv"))
+
+
+def sentence_loss_and_grads(mesh):
+    tx = optimizer.adamw_warmup_cosine(10)[0]
+    state = train_state.TrainState.create(lambda rngs: ct_clip.CTCLIP(SENTENCE_CONFIG, rngs=rngs),
+                                          tx, mesh, seed=0)
+    graphdef = state.graphdef
+    loss_fn = train_state.make_loss_fn(sentence_loss_weight=0.5)
+
+    @jax.jit
+    def compute(state_, batch):
+        model, _ = nnx.merge(graphdef, state_)
+        (loss, metrics), grads = nnx.value_and_grad(loss_fn, has_aux=True)(model, batch)
+        return loss, metrics, nnx.to_pure_dict(grads)
+
+    loss, metrics, grads = compute(state.state, sharding.host_batch_to_global(
+        sentence_view_batch(), mesh))
+    return float(loss), jax.device_get(metrics), jax.tree.leaves(grads), state
+
+
+def test_sentence_view_loss_is_over_the_global_batch():
+    """Report loss + 0.5 x multi-positive loss of the sentence views, the positives taken
+    from statements shared anywhere in the global batch; 8 devices = 1 device."""
+    loss1, metrics1, grads1, state = sentence_loss_and_grads(
+        sharding.make_mesh(devices=jax.devices()[:1]))
+    loss8, _, grads8, _ = sentence_loss_and_grads(sharding.make_mesh(8, 1, 1))
+    assert loss8 == pytest.approx(loss1, rel=1e-5)
+    largest = max(np.abs(g).max() for g in grads1)
+    for g1, g8 in zip(grads1, grads8):
+        np.testing.assert_allclose(g8 / largest, g1 / largest, atol=1e-4)
+    # The same value from the latents, with the positives built in numpy.
+    batch, model = sentence_view_batch(), state.model
+    image = np.asarray(nnx.jit(lambda m, v: m.embed_image(v))(model, batch["volume"]))
+    text = np.asarray(nnx.jit(lambda m, i, a: m.embed_text(i, a))(
+        model, batch["sentence_ids"].reshape(-1, 6), batch["sentence_mask"].reshape(-1, 6)))
+    keys = batch["sentence_keys"].reshape(-1)
+    positives = np.array([[k in row for k in keys] for row in batch["report_keys"]])
+    assert positives.sum() > 2 * len(keys)  # shared statements: more than the own rows
+    scale = float(model.logit_scale())
+    logits = scale * image @ text.T
+    log_rows = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    log_cols = logits - np.log(np.exp(logits).sum(0, keepdims=True))
+    want = 0.5 * (np.mean([-log_rows[i, positives[i]].mean() for i in range(BATCH)])
+                  + np.mean([-log_cols[positives[:, k], k].mean() for k in range(len(keys))]))
+    assert float(metrics1["sentence_loss"]) == pytest.approx(want, rel=1e-4)
+    assert loss1 == pytest.approx(float(metrics1["report_loss"]) + 0.5 * want, rel=1e-4)
+
+
+def test_sentence_views_refuse_gradient_accumulation():
+    with pytest.raises(ValueError, match="grad_accum_steps"):
+        train_state.check_loss_settings(CONFIG, "softmax", 2, sentence_loss_weight=1.0)
