@@ -30,7 +30,7 @@ from flax import nnx
 from ct_rate_jax.chat import conversation as conv
 from ct_rate_jax.chat.multimodal import expand_image_placeholders
 from ct_rate_jax.chat.projector import load_encoding
-from experiments.cli import run_command
+from experiments.cli import read_json_lines, run_command
 
 
 def load_visual_input(path: str, model, preprocessing) -> dict[str, np.ndarray]:
@@ -128,20 +128,13 @@ class ChatSession:
 
 def read_batch(path: str) -> list[dict]:
     items = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                item = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}:{number}: not JSON ({error})") from None
-            if not isinstance(item, dict) or not isinstance(item.get("question"), str):
-                raise ValueError(f"{path}:{number}: expected an object with a 'question' string")
-            if item.get("type") is not None and item["type"] not in conv.QUESTION_TYPES:
-                raise ValueError(f"{path}:{number}: unknown type {item['type']!r} (known: "
-                                 f"{', '.join(conv.QUESTION_TYPES)})")
-            items.append(item)
+    for number, item in read_json_lines(path):
+        if not isinstance(item.get("question"), str):
+            raise ValueError(f"{path}:{number}: expected an object with a 'question' string")
+        if item.get("type") is not None and item["type"] not in conv.QUESTION_TYPES:
+            raise ValueError(f"{path}:{number}: unknown type {item['type']!r} (known: "
+                             f"{', '.join(conv.QUESTION_TYPES)})")
+        items.append(item)
     return items
 
 

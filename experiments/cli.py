@@ -8,8 +8,9 @@ ValueErrors), FileNotFoundError or, for an optional dependency, ImportError.
 
 from __future__ import annotations
 
+import json
 import sys
-from typing import Callable
+from typing import Any, Callable
 
 USER_ERRORS = (ValueError, FileNotFoundError, ImportError)
 MAX_ERROR_LINES = 40  # a key-mismatch list can be long; the rest is summarised
@@ -20,6 +21,24 @@ def add_model_arguments(parser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--workdir", help="pretraining run directory (config.gin, checkpoints/)")
     source.add_argument("--checkpoint", help="converted model directory (config.json, weights/)")
+
+
+def read_json_lines(path: str) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, object) for each non-blank line of a JSONL file; a line that is not
+    a JSON object is a ValueError naming the file and the line."""
+    items = []
+    with open(path, encoding="utf-8") as handle:
+        for number, text in enumerate(handle, 1):
+            if not text.strip():
+                continue
+            try:
+                item = json.loads(text)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}:{number}: not JSON ({error})") from None
+            if not isinstance(item, dict):
+                raise ValueError(f"{path}:{number}: expected a JSON object")
+            items.append((number, item))
+    return items
 
 
 def error_message(error: BaseException) -> str:

@@ -55,10 +55,10 @@ def read_references(path: str) -> dict[str, dict[str, Any]]:
         raise FileNotFoundError(f"references not found: {path}")
     items = []
     if path.endswith(".jsonl"):
-        for n, line in enumerate(_json_lines(path)):
+        for number, line in cli.read_json_lines(path):
             missing = [k for k in ("id", "question", "answer") if k not in line]
             if missing:
-                raise ValueError(f"{path} line {n + 1}: missing {missing}")
+                raise ValueError(f"{path} line {number}: missing {missing}")
             items.append({"id": str(line["id"]), "question": line["question"],
                           "type": line.get("type"), "reference": line["answer"],
                           "image": line.get("image")})
@@ -78,29 +78,13 @@ def read_references(path: str) -> dict[str, dict[str, Any]]:
     return by_id
 
 
-def _json_lines(path: str) -> list[dict[str, Any]]:
-    lines = []
-    with open(path, encoding="utf-8") as handle:
-        for n, text in enumerate(handle):
-            if not text.strip():
-                continue
-            try:
-                line = json.loads(text)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path} line {n + 1} is not JSON: {error}") from None
-            if not isinstance(line, dict):
-                raise ValueError(f"{path} line {n + 1}: expected an object")
-            lines.append(line)
-    return lines
-
-
 def read_answers(path: str) -> dict[str, str]:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"answers not found: {path}")
     answers = {}
-    for n, line in enumerate(_json_lines(path)):
+    for number, line in cli.read_json_lines(path):
         if "id" not in line or not isinstance(line.get("answer"), str):
-            raise ValueError(f"{path} line {n + 1}: expected {{\"id\": ..., \"answer\": str}}")
+            raise ValueError(f"{path} line {number}: expected {{\"id\": ..., \"answer\": str}}")
         if str(line["id"]) in answers:
             raise ValueError(f"{path}: id {line['id']!r} answered twice")
         answers[str(line["id"])] = line["answer"]
